@@ -1,0 +1,368 @@
+"""One artifact store for file://, s3:// and gs:// (fsspec).
+
+Layout: ``<root>/runs/<run_id>/{spec.json, metrics.jsonl, checkpoints/, policy.onnx, eval.json,
+manifest.json}``. ``manifest.json`` lists every file with its sha256 and size and is written
+last: it is the commit point. A run without it is incomplete; readers refuse incomplete or
+tampered runs unless asked explicitly (``allow_incomplete=True``), e.g. to resume from a
+checkpoint of a killed run.
+
+Transient store errors are retried with exponential backoff; if a write keeps failing,
+:class:`StoreUnavailable` says which store, which file and how long we tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from rlfleet.errors import ArtifactError, IncompleteRunError, StoreUnavailable, TamperedRunError
+
+MANIFEST = "manifest.json"
+RUNS_DIR = "runs"
+T = TypeVar("T")
+
+# Errors that retrying will not fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    if uri.startswith("gs://") or uri.startswith("gcs://"):
+        # gcsfs otherwise probes hierarchical-namespace support and hangs ~60 s per bucket
+        # against plain-HTTP endpoints (measured: ../shared/notes/components.md).
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    except ImportError as err:
+        scheme = uri.split("://", 1)[0]
+        extra = {"s3": "aws", "gs": "gcp", "gcs": "gcp"}.get(scheme, scheme)
+        raise ArtifactError(
+            f"artifact root {uri!r} needs the {scheme}:// driver: pip install 'rlfleet[{extra}]' ({err})"
+        ) from None
+    except ValueError as err:
+        raise ArtifactError(f"artifact root {uri!r} is not a usable URI: {err}") from None
+    return fs, path.rstrip("/")
+
+
+def normalize_root(uri: str) -> str:
+    """Accept plain paths and ``~`` for local roots; return a URI."""
+    if "://" not in uri:
+        uri = "file://" + os.path.abspath(os.path.expanduser(uri))
+    elif uri.startswith("file://~"):
+        uri = "file://" + os.path.expanduser(uri[len("file://") :])
+    return uri.rstrip("/")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    run_id: str
+    files: dict[str, FileEntry]
+    created_at: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "created_at": self.created_at,
+                "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+                "extra": self.extra,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
+        try:
+            d = json.loads(text)
+            files = {k: FileEntry(sha256=v["sha256"], size=int(v["size"])) for k, v in d["files"].items()}
+            return cls(run_id=d["run_id"], files=files, created_at=d["created_at"], extra=d.get("extra", {}))
+        except (ValueError, KeyError, TypeError) as err:
+            raise TamperedRunError(f"{where}/{MANIFEST} is not a valid manifest ({err})") from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+class ArtifactStore:
+    """The artifact root of a target (``file://…``, ``s3://bucket/prefix``, ``gs://bucket/prefix``)."""
+
+    def __init__(
+        self,
+        root_uri: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        retries: int | None = None,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.root_uri = normalize_root(root_uri)
+        self.storage_options = dict(storage_options or {})
+        self.retries = retries if retries is not None else int(os.environ.get("RLFLEET_STORE_RETRIES", "5"))
+        self.backoff_s = backoff_s
+        self._fs: Any = None
+        self._root_path = ""
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            self._fs, self._root_path = _filesystem(self.root_uri, self.storage_options)
+        return self._fs
+
+    def _path(self, *parts: str) -> str:
+        _ = self.fs
+        return posixpath.join(self._root_path, *parts)
+
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with exponential backoff on transient errors."""
+        delay = self.backoff_s
+        start = time.monotonic()
+        last: BaseException | None = None
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn()
+            except _PERMANENT:
+                raise
+            except (OSError, ConnectionError, TimeoutError, RuntimeError) as err:
+                last = err
+            except Exception as err:  # botocore/google errors are not OSError subclasses
+                if type(err).__module__.split(".")[0] not in ("botocore", "aiobotocore", "google", "aiohttp", "gcsfs", "s3fs"):
+                    raise
+                last = err
+            if attempt < self.retries:
+                time.sleep(delay)
+                delay *= 2
+            self._fs = None if isinstance(last, ConnectionError) else self._fs
+        took = time.monotonic() - start
+        raise StoreUnavailable(
+            f"artifact store {self.root_uri} failed to {what} after {self.retries} attempts "
+            f"over {took:.1f} s: {type(last).__name__}: {last}. Check that the store is reachable "
+            "and the credentials allow it, then retry."
+        )
+
+    def run(self, run_id: str) -> RunArtifacts:
+        if not run_id or "/" in run_id or run_id in (".", ".."):
+            raise ArtifactError(f"invalid run id {run_id!r}")
+        return RunArtifacts(self, run_id)
+
+    def list_run_ids(self) -> list[str]:
+        base = self._path(RUNS_DIR)
+
+        def _ls() -> list[str]:
+            try:
+                entries = self.fs.ls(base, detail=True)
+            except FileNotFoundError:
+                return []
+            return sorted(
+                posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
+            )
+
+        return self.retry(f"list {base}", _ls)
+
+
+def open_run(uri_or_root: str, run_id: str | None = None, **kw: Any) -> RunArtifacts:
+    """Open a run from ``<root>/runs/<run_id>`` given as one URI, or a root plus an id."""
+    if run_id is None:
+        uri = normalize_root(uri_or_root)
+        root, _, rid = uri.rpartition("/")
+        if not root.endswith("/" + RUNS_DIR) and not root.endswith("://" + RUNS_DIR):
+            raise ArtifactError(f"{uri_or_root!r} is not a run URI of the form <root>/runs/<run_id>")
+        return ArtifactStore(root[: -len(RUNS_DIR) - 1], **kw).run(rid)
+    return ArtifactStore(uri_or_root, **kw).run(run_id)
+
+
+class RunArtifacts:
+    """The files of one run. Relative paths use '/', e.g. ``checkpoints/step_1000.pt``."""
+
+    def __init__(self, store: ArtifactStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self._manifest: Manifest | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"{self.store.root_uri}/{RUNS_DIR}/{self.run_id}"
+
+    def _p(self, rel: str) -> str:
+        rel = rel.strip("/")
+        if not rel or ".." in rel.split("/"):
+            raise ArtifactError(f"invalid artifact path {rel!r}")
+        return self.store._path(RUNS_DIR, self.run_id, rel)
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if rel == MANIFEST:
+            raise ArtifactError("manifest.json is written by commit() only")
+        path = self._p(rel)
+        fs = self.store.fs
+
+        def _put() -> None:
+            parent = posixpath.dirname(path)
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            if _is_local(fs):
+                # write-then-rename so a reader never sees half a file
+                tmp = f"{path}.tmp-{os.getpid()}"
+                with fs.open(tmp, "wb") as f:
+                    f.write(data)
+                fs.mv(tmp, path)
+            else:
+                with fs.open(path, "wb") as f:
+                    f.write(data)
+
+        self.store.retry(f"write {rel} of run {self.run_id}", _put)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def put_file(self, rel: str, local_path: str) -> None:
+        with open(local_path, "rb") as f:
+            self.write_bytes(rel, f.read())
+
+    def delete_file(self, rel: str) -> None:
+        path = self._p(rel)
+        self.store.retry(f"delete {rel}", lambda: self.store.fs.rm(path) if self.store.fs.exists(path) else None)
+
+    def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
+        """Hash every file of the run and write manifest.json last (the commit point)."""
+        files: dict[str, FileEntry] = {}
+        for rel in self.list_files(include_manifest=False):
+            data = self._read_raw(rel)
+            files[rel] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        manifest = Manifest(run_id=self.run_id, files=files, created_at=_now(), extra=dict(extra or {}))
+        path = self._p(MANIFEST)
+        fs = self.store.fs
+
+        def _put() -> None:
+            with fs.open(path, "wb") as f:
+                f.write(manifest.to_json().encode())
+
+        self.store.retry(f"write {MANIFEST} of run {self.run_id}", _put)
+        self._manifest = manifest
+        return manifest
+
+    # -- reading ------------------------------------------------------------------------------
+    def _read_raw(self, rel: str) -> bytes:
+        path = self._p(rel)
+        try:
+            return self.store.retry(f"read {rel} of run {self.run_id}", lambda: self.store.fs.cat_file(path))
+        except FileNotFoundError:
+            raise ArtifactError(f"run {self.run_id} has no {rel} (looked in {self.uri})") from None
+
+    def exists(self, rel: str) -> bool:
+        path = self._p(rel)
+        return bool(self.store.retry(f"stat {rel}", lambda: self.store.fs.exists(path)))
+
+    def is_complete(self) -> bool:
+        return self.exists(MANIFEST)
+
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            if not self.is_complete():
+                raise IncompleteRunError(
+                    f"run {self.run_id} is incomplete: {self.uri} has no {MANIFEST} "
+                    "(the run failed, was cancelled or is still running)"
+                )
+            self._manifest = Manifest.from_json(self._read_raw(MANIFEST), where=self.uri)
+        return self._manifest
+
+    def read_bytes(self, rel: str, *, allow_incomplete: bool = False) -> bytes:
+        """Read a file; for a committed run, check it against the manifest."""
+        if allow_incomplete and not self.is_complete():
+            return self._read_raw(rel)
+        entry = self.manifest().files.get(rel)
+        if entry is None:
+            raise ArtifactError(f"run {self.run_id} has no {rel} in its manifest")
+        data = self._read_raw(rel)
+        if hashlib.sha256(data).hexdigest() != entry.sha256 or len(data) != entry.size:
+            raise TamperedRunError(
+                f"{self.uri}/{rel} does not match its manifest (sha256 or size changed): "
+                "the artifact was modified after the run committed; do not use it"
+            )
+        return data
+
+    def read_text(self, rel: str, **kw: Any) -> str:
+        return self.read_bytes(rel, **kw).decode()
+
+    def read_json(self, rel: str, **kw: Any) -> Any:
+        return json.loads(self.read_bytes(rel, **kw))
+
+    def verify(self) -> Manifest:
+        """Check every file listed in the manifest; raise TamperedRunError on the first mismatch."""
+        manifest = self.manifest()
+        present = set(self.list_files(include_manifest=False))
+        missing = sorted(set(manifest.files) - present)
+        if missing:
+            raise TamperedRunError(f"run {self.run_id}: files listed in the manifest are missing: {missing}")
+        for rel in manifest.files:
+            self.read_bytes(rel)
+        return manifest
+
+    def list_files(self, *, include_manifest: bool = True) -> list[str]:
+        base = self.store._path(RUNS_DIR, self.run_id)
+        fs = self.store.fs
+
+        def _find() -> list[str]:
+            try:
+                found = fs.find(base)
+            except FileNotFoundError:
+                return []
+            return found
+
+        out = []
+        for p in self.store.retry(f"list run {self.run_id}", _find):
+            rel = posixpath.relpath(p, base)
+            if ".tmp-" in posixpath.basename(rel):
+                continue
+            if rel == MANIFEST and not include_manifest:
+                continue
+            out.append(rel)
+        return sorted(out)
+
+    def iter_metrics(self) -> Iterator[dict[str, Any]]:
+        """Rows of metrics.jsonl (readable while the run is still going)."""
+        if not self.exists("metrics.jsonl"):
+            return
+        for line in self._read_raw("metrics.jsonl").decode().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a concurrent rewrite
+
+    def size_bytes(self) -> int:
+        base = self.store._path(RUNS_DIR, self.run_id)
+        return int(self.store.retry(f"size of run {self.run_id}", lambda: self.store.fs.du(base)))
+
+    def delete(self) -> None:
+        base = self.store._path(RUNS_DIR, self.run_id)
+        fs = self.store.fs
+        self.store.retry(f"delete run {self.run_id}", lambda: fs.rm(base, recursive=True) if fs.exists(base) else None)
+
+
+def _is_local(fs: Any) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")

@@ -1,0 +1,256 @@
+"""RunSpec: what to run. Validated and immutable; YAML/JSON round trip.
+
+Bad input fails here, before anything leaves the machine, with a message that
+names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlfleet.errors import SpecError
+
+AGENTS = ("ppo", "dqn", "random")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Gymnasium ids: "CartPole-v1", "ALE/Pong-v5", or "my_pkg.envs:GridWorld-v0" (module:EnvName form).
+_ENV_ID = re.compile(r"^(?:[A-Za-z_][\w.]*:)?(?:[\w.-]+/)?[A-Za-z_][\w.-]*(?:-v\d+)?$")
+
+
+class Kind(str, Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+    DEPLOY = "deploy"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Budget(_Frozen):
+    """How long a train run may go on. Whichever limit is hit first ends it."""
+
+    steps: int | None = Field(default=None, gt=0, description="environment steps")
+    minutes: float | None = Field(default=None, gt=0, description="wall-clock minutes")
+
+
+class Resources(_Frozen):
+    """What the run reserves on the cluster (maps to Ray entrypoint resources)."""
+
+    cpus: float = Field(default=1.0, ge=0, le=1024)
+    gpus: float = Field(default=0.0, ge=0, le=64)
+
+
+class EvalOptions(_Frozen):
+    episodes: int = Field(default=10, ge=1, le=100_000)
+    policy_format: Literal["onnx", "torch"] = "onnx"
+    compare_to: str | None = Field(default=None, description="run id of another eval to compare with")
+
+
+class DeployOptions(_Frozen):
+    name: str | None = Field(default=None, description="policy name in the URL; default: the run's name")
+    port: int | None = Field(default=None, ge=1024, le=65535, description="default: a free port")
+    host: str = Field(default="127.0.0.1", description="address the policy server binds on its node")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str | None) -> str | None:
+        if v is not None and not _SLUG.match(v):
+            raise ValueError("must be lowercase letters, digits and '-', starting with a letter or digit")
+        return v
+
+
+class RunSpec(_Frozen):
+    """One RL run: train, evaluate or deploy an agent."""
+
+    kind: Kind
+    name: str | None = Field(default=None, description="a label for the run (lowercase, digits, '-')")
+    env: str = Field(default="CartPole-v1", description="Gymnasium env id, or 'module:EnvName-v0'")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    agent: Literal["ppo", "dqn", "random"] = "ppo"
+    config: dict[str, Any] = Field(default_factory=dict, description="agent hyperparameter overrides")
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    budget: Budget = Field(default_factory=Budget)
+    resources: Resources = Field(default_factory=Resources)
+    source: str | None = Field(default=None, description="eval/deploy: the run id (or run URI) to use")
+    resume_from: str | None = Field(default=None, description="train: run id whose checkpoint to resume")
+    code: str | None = Field(default=None, description="local project directory shipped with the run")
+    eval: EvalOptions = Field(default_factory=EvalOptions)
+    deploy: DeployOptions = Field(default_factory=DeployOptions)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise SpecError(format_validation_error(err)) from None
+
+    # -- field checks -------------------------------------------------------------------------
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _SLUG.match(v):
+            raise ValueError(
+                "must be 1-63 lowercase letters, digits and '-', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: str) -> str:
+        if not _ENV_ID.match(v):
+            raise ValueError(
+                "is not a Gymnasium env id: use e.g. 'CartPole-v1' or 'my_module:MyEnv-v0'"
+            )
+        return v
+
+    @field_validator("env_kwargs", "config")
+    @classmethod
+    def _jsonable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(v)
+        except TypeError as err:
+            raise ValueError(f"must be plain JSON values (str, numbers, lists, dicts): {err}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSpec:
+        if self.kind in (Kind.EVAL, Kind.DEPLOY):
+            if not self.source:
+                raise ValueError(
+                    f"source: a {self.kind.value} run needs the run to use: "
+                    "give source=<run id> (CLI: --from RUN_ID)"
+                )
+            if self.resume_from:
+                raise ValueError("resume_from: only train runs can resume")
+        elif self.source:
+            raise ValueError(
+                "source: train runs start from scratch; to continue one use resume_from=<run id>"
+            )
+        if self.code is not None:
+            path = Path(self.code).expanduser()
+            if not path.is_dir():
+                raise ValueError(f"code: {self.code!r} is not a directory on this machine")
+        if self.agent == "random" and self.config:
+            raise ValueError("config: the 'random' agent takes no config")
+        if self.config:
+            _check_agent_config(self.agent, self.config)
+        return self
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.agent}-{_slugify(self.env)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_defaults=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON form; identical specs hash alike."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def with_changes(self, **changes: Any) -> RunSpec:
+        data = self.to_dict()
+        data.update(changes)
+        return RunSpec.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RunSpec:
+        if not isinstance(data, dict):
+            raise SpecError(f"a run spec must be a mapping of fields, got {type(data).__name__}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"run spec is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> RunSpec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError(f"run spec is not valid YAML: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunSpec:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as err:
+            raise SpecError(f"cannot read spec file {str(p)!r}: {err.strerror}") from None
+        if p.suffix == ".json":
+            return cls.from_json(text)
+        return cls.from_yaml(text)
+
+
+def _slugify(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:40] or "run"
+
+
+def _check_agent_config(agent: str, config: dict[str, Any]) -> None:
+    """Validate hyperparameter names/types against the agent's config dataclass.
+
+    ``rlfleet_agents.configs`` is plain dataclasses (no torch import), so this is cheap.
+    """
+    try:
+        from rlfleet_agents.configs import validate_config
+    except ImportError:  # agents extra not installed here: the run validates on the cluster
+        return
+    validate_config(agent, config)  # raises ValueError naming the key
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "spec"
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(e["loc"])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            msg = "unknown field" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            msg += f" (allowed: {', '.join(allowed)})"
+        elif e["type"] == "literal_error" or e["type"] == "enum":
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        if msg.startswith(f"{loc}:"):
+            parts.append(msg)
+        elif loc == "spec" or (e["type"] == "value_error" and ":" in msg.split(" ")[0]):
+            parts.append(msg)
+        else:
+            parts.append(f"{loc}: {msg}")
+    return "invalid run spec: " + "; ".join(parts)
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = RunSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return list(model.model_fields)

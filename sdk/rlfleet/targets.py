@@ -1,0 +1,223 @@
+"""Targets: where runs go. Data, not a class per cloud.
+
+A target is a name, a Ray address (the dashboard / Jobs API URL), where its auth token comes
+from, an artifact root URI, and which provisioner owns it. Targets live in a small YAML file:
+``./rlfleet.yaml`` if present (project-local), else ``$RLFLEET_CONFIG``, else
+``~/.config/rlfleet/targets.yaml``. The ``local`` target needs no configuration at all.
+
+Token sources (never the token itself in this file):
+  ``file:/path/to/token``      a file readable only by its owner (mode 0600)
+  ``env:VAR``                  an environment variable
+  ``aws-secret:<arn or name>`` AWS Secrets Manager (needs rlfleet[aws] and AWS credentials)
+  ``gcp-secret:projects/<p>/secrets/<s>`` GCP Secret Manager (needs google-cloud-secret-manager)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rlfleet.errors import AuthError, ConfigError, TargetNotFound
+
+TargetKind = Literal["local", "aws", "gcp", "onprem", "ray"]
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def rlfleet_home() -> Path:
+    """Where rlfleet keeps local state (local cluster, default artifact root)."""
+    return Path(os.environ.get("RLFLEET_HOME", "~/.rlfleet")).expanduser()
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    kind: TargetKind
+    ray_address: str = Field(description="Ray dashboard / Jobs API URL, e.g. https://10.0.0.5:8265")
+    token_source: str = Field(description="file:PATH | env:VAR | aws-secret:ID | gcp-secret:NAME")
+    artifact_root: str = Field(description="fsspec URI where runs/<run_id>/ live, as the cluster sees it")
+    client_artifact_root: str | None = Field(
+        default=None,
+        description="the same root as this machine reaches it, if different (e.g. a NAS mounted elsewhere)",
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (no secrets)")
+    ca_cert: str | None = Field(default=None, description="PEM file pinning the head's TLS certificate")
+    provisioner: dict[str, Any] = Field(
+        default_factory=dict,
+        description="{'type': 'pulumi', 'project_dir': ..., 'stack': ...} | "
+        "{'type': 'ansible', 'inventory': ..., 'playbook_dir': ...} | {'type': 'local'} | {}",
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict, description="extra env for runs (no secrets)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("target names are lowercase letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("token_source")
+    @classmethod
+    def _token_source(cls, v: str) -> str:
+        scheme = v.split(":", 1)[0]
+        if scheme not in ("file", "env", "aws-secret", "gcp-secret") or ":" not in v:
+            raise ValueError(
+                "must be file:PATH, env:VAR, aws-secret:ID or gcp-secret:NAME "
+                "(the token itself never goes into the targets file)"
+            )
+        return v
+
+    @property
+    def reader_artifact_root(self) -> str:
+        return self.client_artifact_root or self.artifact_root
+
+    def store(self) -> Any:
+        from rlfleet.artifacts import ArtifactStore
+
+        return ArtifactStore(self.reader_artifact_root, storage_options=self.storage_options)
+
+    def token(self) -> str:
+        return resolve_token(self.token_source, target=self.name)
+
+
+def resolve_token(source: str, *, target: str = "?") -> str:
+    scheme, _, ref = source.partition(":")
+    if scheme == "file":
+        path = Path(ref).expanduser()
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise AuthError(
+                f"target {target!r}: token file {path} does not exist "
+                f"(for local, run 'rlfleet local up'; otherwise check the target's token_source)"
+            ) from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise AuthError(
+                f"target {target!r}: token file {path} is readable by other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        token = path.read_text().strip()
+    elif scheme == "env":
+        token = os.environ.get(ref, "").strip()
+        if not token:
+            raise AuthError(f"target {target!r}: environment variable {ref} (its token source) is empty")
+    elif scheme == "aws-secret":
+        try:
+            import boto3
+        except ImportError:
+            raise AuthError("aws-secret token sources need: pip install 'rlfleet[aws]'") from None
+        try:
+            token = boto3.client("secretsmanager").get_secret_value(SecretId=ref)["SecretString"].strip()
+        except Exception as err:
+            raise AuthError(f"target {target!r}: cannot read secret {ref} from AWS Secrets Manager: {err}") from None
+    elif scheme == "gcp-secret":
+        try:
+            from google.cloud import secretmanager  # type: ignore[attr-defined]
+        except ImportError:
+            raise AuthError("gcp-secret token sources need: pip install google-cloud-secret-manager") from None
+        try:
+            name = ref if "/versions/" in ref else f"{ref}/versions/latest"
+            resp = secretmanager.SecretManagerServiceClient().access_secret_version(name=name)
+            token = resp.payload.data.decode().strip()
+        except Exception as err:
+            raise AuthError(f"target {target!r}: cannot read {ref} from GCP Secret Manager: {err}") from None
+    else:
+        raise AuthError(f"target {target!r}: unknown token source {source!r}")
+    if not token:
+        raise AuthError(f"target {target!r}: the token from {scheme}:… is empty")
+    return token
+
+
+# -- the targets file -------------------------------------------------------------------------
+
+def config_path() -> Path:
+    local = Path.cwd() / "rlfleet.yaml"
+    if local.exists():
+        return local
+    env = os.environ.get("RLFLEET_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME", "~/.config")).expanduser()
+    return base / "rlfleet" / "targets.yaml"
+
+
+def _load_raw(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("targets", {}), dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'targets:' mapping of name → target")
+    return data
+
+
+def load_targets(path: Path | None = None) -> dict[str, Target]:
+    path = path or config_path()
+    out: dict[str, Target] = {}
+    for name, raw in (_load_raw(path).get("targets") or {}).items():
+        try:
+            out[name] = Target(name=name, **{k: v for k, v in (raw or {}).items() if k != "name"})
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"{path}: target {name!r}: {loc}: {first['msg']}") from None
+    return out
+
+
+def save_target(target: Target, path: Path | None = None) -> Path:
+    path = path or config_path()
+    data = _load_raw(path)
+    targets = data.setdefault("targets", {}) or {}
+    targets[target.name] = target.model_dump(mode="json", exclude={"name"}, exclude_defaults=True)
+    data["targets"] = targets
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def remove_target(name: str, path: Path | None = None) -> bool:
+    path = path or config_path()
+    data = _load_raw(path)
+    targets = data.get("targets") or {}
+    if name not in targets:
+        return False
+    del targets[name]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return True
+
+
+def get_target(name: str | Target | None = None) -> Target:
+    """Resolve a target by name; ``None`` or ``"local"`` is the embedded local target."""
+    if isinstance(name, Target):
+        return name
+    name = name or os.environ.get("RLFLEET_TARGET") or "local"
+    targets = load_targets()
+    if name in targets:
+        return targets[name]
+    if name == "local":
+        from rlfleet.local import local_target
+
+        return local_target()
+    known = ", ".join(sorted({"local", *targets})) or "local"
+    raise TargetNotFound(
+        f"no target named {name!r} (known: {known}); add one with 'rlfleet target add'"
+    )
+
+
+def list_targets() -> list[Target]:
+    targets = load_targets()
+    if "local" not in targets:
+        from rlfleet.local import local_target
+
+        targets = {"local": local_target(), **targets}
+    return list(targets.values())

@@ -1,0 +1,100 @@
+"""Shared, session-scoped fixtures: real services on 127.0.0.1, started once per test run.
+
+- ``moto_server``: a real moto HTTP server (AWS APIs) -> its endpoint URL; state is reset
+  between tests by ``moto_reset``.
+- ``gcs_emulator``: a real GCS emulator -> its endpoint URL (STORAGE_EMULATOR_HOST is set).
+- ``ray_local``: the embedded local target's Ray head (token auth, private network namespace),
+  shared by every test that needs a cluster; see tests/sdk/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)  # noqa: S310 - loopback test URL
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except Exception as err:
+            last = err
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout} s: {last}")
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"}
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/moto-api/")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def moto_reset(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Fresh moto state and AWS env pointing at it; returns the endpoint URL."""
+    req = urllib.request.Request(moto_server + "/moto-api/reset", method="POST")
+    urllib.request.urlopen(req, timeout=10)  # noqa: S310 - loopback
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return moto_server
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    try:
+        wait_http(url + "/storage/v1/b")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
