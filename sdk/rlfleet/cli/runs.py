@@ -1,0 +1,276 @@
+"""rlfleet run / runs / status / logs / wait / cancel / artifacts / endpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from rlfleet.cli._common import console, json_option, print_json, table, target_option
+from rlfleet.errors import RunFailed, SpecError
+
+
+def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@click.command("run")
+@click.argument("kind", type=click.Choice(["train", "eval", "deploy"]))
+@target_option
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Base spec (YAML/JSON); flags override it.")
+@click.option("--env", "env_id", help="Gymnasium env id, e.g. CartPole-v1 or my_mod:MyEnv-v0.")
+@click.option("--env-kwarg", "env_kwargs", multiple=True, metavar="KEY=VALUE", help="Env constructor argument (repeatable).")
+@click.option("--agent", type=click.Choice(["ppo", "dqn", "random"]), help="Built-in agent.")
+@click.option("--config", "config_kv", multiple=True, metavar="KEY=VALUE", help="Agent hyperparameter (repeatable).")
+@click.option("--steps", type=int, help="Training budget in env steps.")
+@click.option("--minutes", type=float, help="Training budget in minutes.")
+@click.option("--seed", type=int)
+@click.option("--name", help="Run label (lowercase, digits, '-').")
+@click.option("--from", "source", metavar="RUN_ID", help="eval/deploy: the run to use.")
+@click.option("--resume", "resume_from", metavar="RUN_ID", help="train: continue from this run's latest checkpoint.")
+@click.option("--code", type=click.Path(), help="Local project directory shipped with the run.")
+@click.option("--episodes", type=int, help="eval: number of episodes.")
+@click.option("--cpus", type=float, help="CPUs to reserve.")
+@click.option("--gpus", type=float, help="GPUs to reserve.")
+@click.option("--wait", "do_wait", is_flag=True, help="Wait until it ends (deploy: until it serves); exit non-zero if it failed.")
+@json_option
+def run_cmd(kind: str, target: str | None, spec_file: str | None, env_id: str | None, env_kwargs: tuple[str, ...],
+            agent: str | None, config_kv: tuple[str, ...], steps: int | None, minutes: float | None,
+            seed: int | None, name: str | None, source: str | None, resume_from: str | None, code: str | None,
+            episodes: int | None, cpus: float | None, gpus: float | None, do_wait: bool, as_json: bool) -> None:
+    """Submit a KIND (train | eval | deploy) run."""
+    from rlfleet.runs import submit_run
+    from rlfleet.spec import RunSpec
+
+    data: dict[str, Any] = {}
+    if spec_file:
+        data = RunSpec.from_file(spec_file).model_dump(mode="json", exclude_defaults=True)
+        if data.get("kind", kind) != kind:
+            raise SpecError(f"--spec {spec_file} describes a {data['kind']} run, but the command says {kind!r}")
+    data["kind"] = kind
+    simple = {"env": env_id, "agent": agent, "seed": seed, "name": name, "source": source,
+              "resume_from": resume_from, "code": code}
+    data.update({k: v for k, v in simple.items() if v is not None})
+    if env_kwargs:
+        data["env_kwargs"] = {**data.get("env_kwargs", {}), **_parse_kv(env_kwargs, "--env-kwarg")}
+    if config_kv:
+        data["config"] = {**data.get("config", {}), **_parse_kv(config_kv, "--config")}
+    for key, sub, val in (("budget", "steps", steps), ("budget", "minutes", minutes),
+                          ("eval", "episodes", episodes), ("resources", "cpus", cpus), ("resources", "gpus", gpus)):
+        if val is not None:
+            data[key] = {**data.get(key, {}), sub: val}
+    spec = RunSpec.from_dict(data)
+    run = submit_run(spec, target=target)
+    if not do_wait:
+        if as_json:
+            print_json(run.info())
+        else:
+            click.echo(f"submitted {spec.kind.value} run {run.run_id} to {run.target.name}")
+            click.echo(f"  follow it: rlfleet logs {run.run_id} -f --target {run.target.name}")
+        return
+    status = _wait_with_progress(run, quiet=as_json)
+    info = run.info()
+    if as_json:
+        print_json(info)
+    else:
+        _print_run(info)
+    if status.value in ("FAILED", "CANCELLED"):
+        raise RunFailed(f"run {run.run_id} ended {status.value}: {run.failure_reason()}")
+
+
+def _wait_with_progress(run: Any, *, quiet: bool) -> Any:
+    """Wait with a live line: status, step, return (stderr, so --json stays clean)."""
+    if quiet or not sys.stderr.isatty():
+        return run.wait()
+    from rich.live import Live
+    from rich.text import Text
+
+    t0 = time.monotonic()
+    last_metrics_at = 0.0
+    line = {"metrics": ""}
+
+    def render(st: Any) -> Text:
+        return Text(f"{run.run_id}  {st.value:<9} {time.monotonic() - t0:6.1f}s  {line['metrics']}")
+
+    with Live(render(run.status()), console=console(stderr=True), refresh_per_second=4, transient=True) as live:
+        def on_poll(r: Any, st: Any) -> None:
+            nonlocal last_metrics_at
+            if time.monotonic() - last_metrics_at > 2:
+                last_metrics_at = time.monotonic()
+                try:
+                    rows = r.metrics()
+                except Exception:
+                    rows = []
+                if rows:
+                    m = rows[-1]
+                    ret = m.get("episode_return_mean")
+                    line["metrics"] = f"step {m.get('step', '?')}" + (f"  return {ret:.1f}" if isinstance(ret, (int, float)) else "")
+            live.update(render(st))
+
+        return run.wait(on_poll=on_poll)
+
+
+def _print_run(info: dict[str, Any]) -> None:
+    rows = [[k, info.get(k)] for k in ("run_id", "status", "kind", "name", "target", "artifact_uri",
+                                       "submitted_at", "started_at", "ended_at", "wall_time_s", "gpu_hours")]
+    if info.get("message") and info.get("status") in ("FAILED", "CANCELLED"):
+        rows.append(["message", info["message"]])
+    table(["field", "value"], rows)
+
+
+@click.command("runs")
+@target_option
+@click.option("--limit", type=int, default=50, show_default=True)
+@json_option
+def runs_cmd(target: str | None, limit: int, as_json: bool) -> None:
+    """List runs on a target, newest first (with wall time and GPU-hours)."""
+    from rlfleet.errors import ClusterUnreachable
+    from rlfleet.runs import list_runs
+    from rlfleet.targets import get_target
+
+    tgt = get_target(target)
+    try:
+        runs = list_runs(tgt)[:limit]
+    except ClusterUnreachable:
+        if tgt.kind != "local":
+            raise
+        runs = []  # the local head is not running: nothing is running there
+        if not as_json:
+            click.echo("the local Ray head is not running (start it with 'rlfleet local up')", err=True)
+    infos = [r.info(refresh=False) for r in runs]
+    if as_json:
+        print_json(infos)
+        return
+    table(["run_id", "kind", "name", "status", "submitted", "wall s", "GPU-h"],
+          [[i["run_id"], i["kind"], i["name"], i["status"], i["submitted_at"], i["wall_time_s"], i["gpu_hours"]]
+           for i in infos], title=f"runs on {tgt.name}")
+
+
+@click.command("status")
+@click.argument("run_id")
+@target_option
+@json_option
+def status_cmd(run_id: str, target: str | None, as_json: bool) -> None:
+    """Show RUN_ID's status."""
+    from rlfleet.runs import get_run
+
+    info = get_run(run_id, target).info()
+    if as_json:
+        print_json(info)
+    else:
+        _print_run(info)
+
+
+@click.command("logs")
+@click.argument("run_id")
+@target_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the run ends.")
+def logs_cmd(run_id: str, target: str | None, follow: bool) -> None:
+    """Print RUN_ID's logs."""
+    from rlfleet.runs import get_run
+
+    run = get_run(run_id, target)
+    if follow:
+        for chunk in run.logs(follow=True):
+            click.echo(chunk, nl=False)
+    else:
+        click.echo(run.logs(), nl=False)
+
+
+@click.command("wait")
+@click.argument("run_id")
+@target_option
+@click.option("--timeout", type=float, help="Give up after this many seconds.")
+@json_option
+def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bool) -> None:
+    """Wait for RUN_ID to end (deploy: to serve); exit non-zero if it failed."""
+    from rlfleet.errors import RlfleetError
+    from rlfleet.runs import get_run
+
+    run = get_run(run_id, target)
+    try:
+        status = run.wait(timeout) if as_json else _wait_with_progress(run, quiet=False) if timeout is None else run.wait(timeout)
+    except TimeoutError as err:
+        raise RlfleetError(str(err)) from None
+    if as_json:
+        print_json(run.info())
+    else:
+        click.echo(f"{run_id} {status.value}")
+    if status.value in ("FAILED", "CANCELLED"):
+        raise RunFailed(f"run {run_id} ended {status.value}: {run.failure_reason()}")
+
+
+@click.command("cancel")
+@click.argument("run_id")
+@target_option
+@json_option
+def cancel_cmd(run_id: str, target: str | None, as_json: bool) -> None:
+    """Cancel RUN_ID (and its deployment). A finished run is left as it is."""
+    from rlfleet.runs import get_run
+
+    run = get_run(run_id, target)
+    stopped = run.cancel()
+    if as_json:
+        print_json({"run_id": run_id, "stopped": stopped, "status": run.status().value})
+    else:
+        click.echo(f"{run_id}: {'cancelled' if stopped else 'already ' + run.status().value.lower() + ', nothing to do'}")
+
+
+@click.command("artifacts")
+@click.argument("run_id")
+@target_option
+@json_option
+def artifacts_cmd(run_id: str, target: str | None, as_json: bool) -> None:
+    """List RUN_ID's artifacts and verify them against its manifest."""
+    from rlfleet.targets import get_target
+
+    tgt = get_target(target)
+    arts = tgt.store().run(run_id)
+    files = arts.list_files()
+    if not files:
+        from rlfleet.errors import ArtifactError
+
+        raise ArtifactError(f"run {run_id} has no artifacts under {arts.uri}")
+    complete = arts.is_complete()
+    manifest = arts.verify() if complete else None
+    doc = {
+        "run_id": run_id,
+        "uri": arts.uri,
+        "complete": complete,
+        "verified": manifest is not None,
+        "files": [{"path": f, "size": manifest.files[f].size if manifest and f in manifest.files else None,
+                   "sha256": manifest.files[f].sha256 if manifest and f in manifest.files else None} for f in files],
+        "extra": manifest.extra if manifest else {},
+    }
+    if as_json:
+        print_json(doc)
+        return
+    table(["path", "bytes", "sha256"], [[f["path"], f["size"], (f["sha256"] or "")[:16]] for f in doc["files"]],
+          title=f"{arts.uri}  ({'complete, verified' if complete else 'INCOMPLETE: no manifest.json'})")
+
+
+@click.command("endpoint")
+@click.argument("run_id")
+@target_option
+@json_option
+def endpoint_cmd(run_id: str, target: str | None, as_json: bool) -> None:
+    """Show the URL of deploy run RUN_ID (the token is not printed)."""
+    from rlfleet.runs import get_run
+
+    ep = get_run(run_id, target).endpoint()
+    if as_json:
+        print_json({"url": ep.url, "act_url": ep.act_url})
+    else:
+        click.echo(ep.act_url)

@@ -1,0 +1,175 @@
+"""A thin client for Ray's Jobs REST API (what ``ray.job_submission`` speaks), on the stdlib.
+
+Using HTTP directly keeps ``import rlfleet`` and the CLI free of Ray's heavy modules, lets us
+pin a CA for ``https://`` heads (``Target.ca_cert``), and turns Ray's answers into our errors.
+Every request carries ``Authorization: Bearer <token>`` (Ray token auth).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from rlfleet.errors import AuthError, ClusterUnreachable, RlfleetError, RunNotFound, SpecError
+
+# Ray stores working_dir packages in GCS; the bound is its max gRPC message size (same env var).
+_DEFAULT_MAX_PACKAGE = 512 * 1024 * 1024
+_EXCLUDE_DIRS = {".git", "__pycache__", ".venv", "venv", ".mypy_cache", ".pytest_cache", ".ruff_cache", "node_modules"}
+
+
+def max_package_bytes() -> int:
+    return int(os.environ.get("RAY_max_grpc_message_size", _DEFAULT_MAX_PACKAGE))
+
+
+class JobsClient:
+    def __init__(self, address: str, token: str, *, target_name: str = "?", ca_cert: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self.address = address.rstrip("/")
+        self._token = token
+        self.target_name = target_name
+        self.timeout = timeout
+        self._ctx: ssl.SSLContext | None = None
+        if self.address.startswith("https://"):
+            self._ctx = ssl.create_default_context(cafile=ca_cert) if ca_cert else ssl.create_default_context()
+
+    def __repr__(self) -> str:  # never show the token
+        return f"JobsClient({self.address!r}, target={self.target_name!r})"
+
+    # -- transport ----------------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
+                 ok404: bool = False, timeout: float | None = None) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {self._token}"}
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.address + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self._ctx) as resp:  # noqa: S310
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            payload = err.read()
+            if err.code == 401:
+                raise AuthError(
+                    f"target {self.target_name!r} refused the request: no valid token was sent "
+                    f"(HTTP 401 from {self.address}); check the target's token_source"
+                ) from None
+            if err.code == 403:
+                raise AuthError(
+                    f"target {self.target_name!r} refused the token (HTTP 403 from {self.address}): "
+                    "the token does not match the cluster's; check the target's token_source"
+                ) from None
+            if err.code == 404 and ok404:
+                return 404, payload
+            text = payload.decode(errors="replace").strip()[:500]
+            raise RlfleetError(f"Ray at {self.address} answered HTTP {err.code} to {method} {path}: {text}") from None
+        except ssl.SSLError as err:
+            raise ClusterUnreachable(
+                f"TLS to target {self.target_name!r} at {self.address} failed: {err.reason} "
+                "(is the target's ca_cert the CA that signed the head's certificate?)"
+            ) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            hint = " Start it with 'rlfleet local up'." if self.target_name == "local" else ""
+            raise ClusterUnreachable(
+                f"cannot reach the Ray cluster of target {self.target_name!r} at {self.address}: {reason}.{hint}"
+            ) from None
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        status, data = self._request(method, path, **kw)
+        if status == 404:
+            return None
+        return json.loads(data) if data else None
+
+    # -- API ----------------------------------------------------------------------------------
+    def version(self, timeout: float | None = None) -> dict[str, Any]:
+        return self._json("GET", "/api/version", timeout=timeout) or {}
+
+    def submit(self, *, submission_id: str, entrypoint: str, runtime_env: dict[str, Any],
+               metadata: dict[str, str], num_cpus: float, num_gpus: float) -> str:
+        body: dict[str, Any] = {
+            "entrypoint": entrypoint,
+            "submission_id": submission_id,
+            "runtime_env": runtime_env,
+            "metadata": metadata,
+            "entrypoint_num_cpus": num_cpus,
+            "entrypoint_num_gpus": num_gpus,
+        }
+        out = self._json("POST", "/api/jobs/", json_body=body)
+        return str(out["submission_id"])
+
+    def get(self, submission_id: str) -> dict[str, Any]:
+        out = self._json("GET", f"/api/jobs/{submission_id}", ok404=True)
+        if out is None:
+            raise RunNotFound(
+                f"no run {submission_id!r} on target {self.target_name!r} (list runs with 'rlfleet runs --target {self.target_name}')"
+            )
+        return dict(out)
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/api/jobs/") or [])
+
+    def stop(self, submission_id: str) -> bool:
+        out = self._json("POST", f"/api/jobs/{submission_id}/stop", ok404=True)
+        if out is None:
+            raise RunNotFound(f"no run {submission_id!r} on target {self.target_name!r}")
+        return bool(out.get("stopped"))
+
+    def logs(self, submission_id: str) -> str:
+        out = self._json("GET", f"/api/jobs/{submission_id}/logs", ok404=True)
+        if out is None:
+            raise RunNotFound(f"no run {submission_id!r} on target {self.target_name!r}")
+        return str(out.get("logs", ""))
+
+    def upload_working_dir(self, path: str) -> str:
+        """Zip a local directory and upload it to the cluster's GCS; return its gcs:// URI."""
+        data = zip_dir(Path(path))
+        name = f"_ray_pkg_{hashlib.sha256(data).hexdigest()[:32]}.zip"
+        status, _ = self._request("GET", f"/api/packages/gcs/{name}", ok404=True)
+        if status == 404:
+            self._request("PUT", f"/api/packages/gcs/{name}", body=data, timeout=max(self.timeout, 300))
+        return f"gcs://{name}"
+
+
+def zip_dir(root: Path) -> bytes:
+    """Deterministic zip of a directory (sorted entries, fixed timestamps), size-checked."""
+    limit = max_package_bytes()
+    total = 0
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDE_DIRS)
+        for fn in sorted(filenames):
+            if fn.endswith(".pyc"):
+                continue
+            p = Path(dirpath) / fn
+            if p.is_symlink() or not p.is_file():
+                continue
+            total += p.stat().st_size
+            files.append(p)
+    if total > limit:
+        raise SpecError(
+            f"code: {str(root)!r} holds {total / 2**20:.1f} MiB of files; Ray's upload limit for a "
+            f"run's code is {limit / 2**20:.0f} MiB. Move data out of the code directory "
+            "(put it in the artifact store) and try again"
+        )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in files:
+            info = zipfile.ZipInfo(str(p.relative_to(root)), date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (p.stat().st_mode & 0o777) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, p.read_bytes())
+    data = buf.getvalue()
+    if len(data) > limit:
+        raise SpecError(
+            f"code: {str(root)!r} packs to {len(data) / 2**20:.1f} MiB; Ray's upload limit is "
+            f"{limit / 2**20:.0f} MiB. Move data out of the code directory and try again"
+        )
+    return data

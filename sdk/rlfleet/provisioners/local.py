@@ -1,0 +1,63 @@
+"""Provisioner for the embedded local target: the Ray head on this machine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rlfleet.targets import Target
+
+
+def target_from(name: str, **options: Any) -> Target:
+    from rlfleet.local import local_target
+
+    return local_target()
+
+
+def up(target: Target, *, echo: Callable[[str], None]) -> Target:
+    from rlfleet.local import ensure_local_up
+
+    return ensure_local_up(echo=echo)
+
+
+def destroy(target: Target, *, delete_data: bool, echo: Callable[[str], None]) -> None:
+    """Stop the Ray head. With delete_data, also remove the local artifact root's runs/."""
+    import shutil
+
+    from rlfleet.local import local_down
+    from rlfleet.targets import rlfleet_home
+
+    local_down(echo=echo)
+    if delete_data:
+        shutil.rmtree(rlfleet_home() / "runs", ignore_errors=True)
+
+
+def plan_destroy(target: Target, *, delete_data: bool) -> list[str]:
+    from rlfleet.local import read_state
+    from rlfleet.targets import rlfleet_home
+
+    plan = []
+    st = read_state()
+    if st:
+        plan.append(f"stop the local Ray head ({target.ray_address}, pids {st.get('holder_pid')}, {st.get('forwarder_pid')})")
+    if delete_data and (rlfleet_home() / "runs").exists():
+        plan.append(f"delete {rlfleet_home() / 'runs'}")
+    return plan
+
+
+def scan_leftovers(target: Target) -> list[str]:
+    """Anything of the local head still alive after destroy."""
+    import os
+    import subprocess
+
+    from rlfleet.local import _ray_temp_dir, read_state
+
+    left = []
+    if read_state():
+        left.append("local state file still present")
+    temp = _ray_temp_dir()
+    if os.path.exists(temp):
+        left.append(f"Ray temp dir {temp}")
+    out = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True)
+    left += [f"process {pid}" for pid in out.stdout.split()]
+    return left

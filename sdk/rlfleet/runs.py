@@ -1,0 +1,328 @@
+"""submit_run() and the Run handle: the same calls for every target."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from rlfleet.errors import ArtifactError, IncompleteRunError, RlfleetError, RunFailed
+from rlfleet.spec import Kind, RunSpec
+from rlfleet.targets import Target, get_target
+
+ENTRYPOINT = "python -m rlfleet_agents.run"
+META_PREFIX = "rlfleet_"
+
+
+class RunStatus(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    def is_terminal(self) -> bool:
+        return self in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+_FROM_RAY = {
+    "PENDING": RunStatus.PENDING,
+    "RUNNING": RunStatus.RUNNING,
+    "SUCCEEDED": RunStatus.SUCCEEDED,
+    "FAILED": RunStatus.FAILED,
+    "STOPPED": RunStatus.CANCELLED,
+}
+
+
+def new_run_id() -> str:
+    """Sortable by submission time (UTC), unique enough for concurrent submitters."""
+    return "rl-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    path: str
+    token: str
+
+    def __repr__(self) -> str:
+        return f"Endpoint(url={self.url!r}, path={self.path!r}, token='***')"
+
+    @property
+    def act_url(self) -> str:
+        return self.url.rstrip("/") + self.path
+
+
+def _client(target: Target) -> Any:
+    from rlfleet.jobs import JobsClient
+
+    return JobsClient(target.ray_address, target.token(), target_name=target.name, ca_cert=target.ca_cert)
+
+
+def _iso(ms: Any) -> str | None:
+    if not ms:
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def run_uri(target: Target, ref: str) -> str:
+    """A run id or a run URI -> the URI of that run's directory as the cluster sees it."""
+    if "://" in ref:
+        return ref.rstrip("/")
+    return f"{target.artifact_root.rstrip('/')}/runs/{ref}"
+
+
+class Run:
+    """A handle on one run; cheap to create, every method asks the cluster or the store."""
+
+    def __init__(self, run_id: str, target: Target, *, info: dict[str, Any] | None = None,
+                 spec: RunSpec | None = None) -> None:
+        self.run_id = run_id
+        self.target = target
+        self._info = info
+        self._spec = spec
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r}, target={self.target.name!r})"
+
+    # -- state --------------------------------------------------------------------------------
+    def _job(self, refresh: bool = True) -> dict[str, Any]:
+        if refresh or self._info is None:
+            self._info = _client(self.target).get(self.run_id)
+        return self._info
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self._job(refresh=False).get("metadata") or {})
+
+    @property
+    def kind(self) -> Kind:
+        if self._spec is not None:
+            return self._spec.kind
+        return Kind(self.metadata.get(META_PREFIX + "kind", "train"))
+
+    @property
+    def spec(self) -> RunSpec:
+        if self._spec is None:
+            env = (self._job(refresh=False).get("runtime_env") or {}).get("env_vars") or {}
+            raw = env.get("RLFLEET_SPEC")
+            if raw is None:
+                raise RlfleetError(f"run {self.run_id} carries no rlfleet spec (not an rlfleet run?)")
+            self._spec = RunSpec.model_validate(json.loads(raw))
+        return self._spec
+
+    def status(self) -> RunStatus:
+        return _FROM_RAY.get(str(self._job().get("status")), RunStatus.PENDING)
+
+    def message(self) -> str:
+        return str(self._job(refresh=False).get("message") or "")
+
+    def info(self, refresh: bool = True) -> dict[str, Any]:
+        job = self._job(refresh=refresh)
+        md = job.get("metadata") or {}
+        status = _FROM_RAY.get(str(job.get("status")), RunStatus.PENDING)
+        start, end = job.get("start_time"), job.get("end_time")
+        wall = ((end or time.time() * 1000) - start) / 1000 if start else None
+        gpus = float(md.get(META_PREFIX + "gpus", 0) or 0)
+        return {
+            "run_id": self.run_id,
+            "status": status.value,
+            "kind": md.get(META_PREFIX + "kind"),
+            "name": md.get(META_PREFIX + "name"),
+            "env": md.get(META_PREFIX + "env"),
+            "agent": md.get(META_PREFIX + "agent"),
+            "target": self.target.name,
+            "artifact_uri": run_uri(self.target, self.run_id),
+            "submitted_at": _iso(md.get(META_PREFIX + "submitted_ms")) or _iso(start),
+            "started_at": _iso(start),
+            "ended_at": _iso(end),
+            "wall_time_s": round(wall, 1) if wall is not None else None,
+            "gpu_hours": round(gpus * wall / 3600, 4) if wall is not None else None,
+            "spec_hash": md.get(META_PREFIX + "spec_hash"),
+            "user": md.get(META_PREFIX + "user"),
+            "message": job.get("message") or "",
+        }
+
+    def wait(self, timeout: float | None = None, *, poll: float = 0.25,
+             on_poll: Callable[[Run, RunStatus], None] | None = None) -> RunStatus:
+        """Block until the run is terminal; a deploy run returns RUNNING as soon as it serves."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll
+        while True:
+            st = self.status()
+            if on_poll:
+                on_poll(self, st)
+            if st.is_terminal():
+                return st
+            if st is RunStatus.RUNNING and self.kind is Kind.DEPLOY and self._endpoint_ready():
+                return st
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {self.run_id} still {st.value} after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    def result(self, timeout: float | None = None) -> Run:
+        """wait(), then raise RunFailed unless the run succeeded (or serves, for deploy)."""
+        st = self.wait(timeout)
+        if st in (RunStatus.FAILED, RunStatus.CANCELLED):
+            raise RunFailed(f"run {self.run_id} ended {st.value}: {self.failure_reason()}")
+        return self
+
+    def failure_reason(self) -> str:
+        """The run's own last error line if it printed one, else Ray's message."""
+        try:
+            for line in reversed(self.logs().splitlines()):
+                if line.startswith("rlfleet: error:"):
+                    return line[len("rlfleet: error:"):].strip()
+        except RlfleetError:
+            pass
+        return self.message() or "no message"
+
+    # -- outputs ------------------------------------------------------------------------------
+    def logs(self, follow: bool = False) -> Any:
+        if follow:
+            return self._follow()
+        return _client(self.target).logs(self.run_id)
+
+    def _follow(self, poll: float = 0.5) -> Iterator[str]:
+        seen = 0
+        while True:
+            text = _client(self.target).logs(self.run_id)
+            if len(text) > seen:
+                yield text[seen:]
+                seen = len(text)
+            if self.status().is_terminal():
+                text = _client(self.target).logs(self.run_id)
+                if len(text) > seen:
+                    yield text[seen:]
+                return
+            time.sleep(poll)
+
+    def artifacts(self) -> Any:
+        """rlfleet.artifacts.RunArtifacts of this run (read through the client's view of the root)."""
+        return self.target.store().run(self.run_id)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(self.artifacts().iter_metrics())
+
+    def _endpoint_ready(self) -> bool:
+        try:
+            return bool(self.artifacts().exists("endpoint.json"))
+        except ArtifactError:
+            return False
+
+    def endpoint(self) -> Endpoint:
+        if self.kind is not Kind.DEPLOY:
+            raise RlfleetError(f"run {self.run_id} is a {self.kind.value} run; only deploy runs serve")
+        arts = self.artifacts()
+        if not arts.exists("endpoint.json"):
+            raise IncompleteRunError(
+                f"deploy run {self.run_id} is not serving yet (no endpoint.json); wait for it with 'rlfleet wait {self.run_id}'"
+            )
+        ep = json.loads(arts.read_bytes("endpoint.json", allow_incomplete=True))
+        return Endpoint(url=ep["url"], path=ep["path"], token=self.target.token())
+
+    def cancel(self) -> bool:
+        """Stop the run (and its deployment). Idempotent: False if it had already ended."""
+        if self.status().is_terminal():
+            return False
+        return bool(_client(self.target).stop(self.run_id))
+
+
+def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
+    """Validate, ship and start a run on ``target`` (default: local). Returns at once."""
+    if not isinstance(spec, RunSpec):
+        raise RlfleetError(f"submit_run() takes a RunSpec, not {type(spec).__name__}")
+    tgt = get_target(target)
+    if tgt.kind == "local":
+        from rlfleet.local import ensure_local_up
+
+        tgt = ensure_local_up()
+    client = _client(tgt)
+    run_id = new_run_id()
+    env_vars = dict(tgt.env_vars)
+    env_vars.update(
+        {
+            "RLFLEET_RUN_ID": run_id,
+            "RLFLEET_ARTIFACT_ROOT": tgt.artifact_root,
+            "RLFLEET_STORAGE_OPTIONS": json.dumps(tgt.storage_options),
+            "RLFLEET_SPEC": spec.to_json(),
+            "RLFLEET_TARGET": tgt.name,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if spec.source:
+        _check_source(tgt, spec.source, spec.kind)
+        env_vars["RLFLEET_SOURCE_URI"] = run_uri(tgt, spec.source)
+    if spec.resume_from:
+        env_vars["RLFLEET_RESUME_URI"] = run_uri(tgt, spec.resume_from)
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if spec.code:
+        runtime_env["working_dir"] = client.upload_working_dir(spec.code)
+    metadata = {
+        META_PREFIX + "run_id": run_id,
+        META_PREFIX + "kind": spec.kind.value,
+        META_PREFIX + "name": spec.label,
+        META_PREFIX + "env": spec.env,
+        META_PREFIX + "agent": spec.agent,
+        META_PREFIX + "spec_hash": spec.spec_hash(),
+        META_PREFIX + "user": _user(),
+        META_PREFIX + "target": tgt.name,
+        META_PREFIX + "cpus": str(spec.resources.cpus),
+        META_PREFIX + "gpus": str(spec.resources.gpus),
+        META_PREFIX + "submitted_ms": str(int(time.time() * 1000)),
+    }
+    client.submit(submission_id=run_id, entrypoint=ENTRYPOINT, runtime_env=runtime_env,
+                  metadata=metadata, num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    return Run(run_id, tgt, spec=spec)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _check_source(tgt: Target, source: str, kind: Kind) -> None:
+    """Refuse an eval/deploy of an incomplete run before submitting, when we can see the store."""
+    if "://" in source or not tgt.reader_artifact_root.startswith("file://"):
+        return
+    arts = tgt.store().run(source)
+    if not arts.exists("spec.json") and not arts.is_complete():
+        raise IncompleteRunError(
+            f"source: no run {source!r} under {tgt.reader_artifact_root}/runs (check the id with 'rlfleet runs')"
+        )
+    if not arts.is_complete():
+        raise IncompleteRunError(
+            f"source: run {source!r} is incomplete (no manifest.json: it failed, was cancelled or is "
+            f"still running); a {kind.value} run needs a finished train run"
+        )
+
+
+def get_run(run_id: str, target: str | Target | None = None) -> Run:
+    tgt = _running_target(target)
+    info = _client(tgt).get(run_id)
+    return Run(run_id, tgt, info=info)
+
+
+def list_runs(target: str | Target | None = None) -> list[Run]:
+    """rlfleet runs on the target's cluster, newest first."""
+    tgt = _running_target(target)
+    jobs = _client(tgt).list()
+    runs = [
+        Run(j["submission_id"], tgt, info=j)
+        for j in jobs
+        if (j.get("metadata") or {}).get(META_PREFIX + "run_id") and j.get("submission_id")
+    ]
+    return sorted(runs, key=lambda r: r.run_id, reverse=True)
+
+
+def _running_target(target: str | Target | None) -> Target:
+    return get_target(target)
