@@ -1,0 +1,145 @@
+#!/bin/bash
+# rlfleet node bootstrap, rendered by infra_cloud/shared/rlfleet_cloud/bootstrap.py.
+# Installs the kit in /opt/rlfleet/venv, fetches the Ray token from the cloud's secret store
+# (never from this script), starts Ray with token auth as systemd units, and on the head puts
+# a TLS endpoint in front of Ray's dashboard / Jobs API. Safe to run again on every boot.
+set -euo pipefail
+umask 077
+exec >>/var/log/rlfleet-bootstrap.log 2>&1
+
+@@PARAMS@@
+
+log() { printf '%s rlfleet-bootstrap[%s]: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$ROLE" "$*"; }
+
+imds_aws() {
+  local tok
+  tok="$(curl -fsS -X PUT http://169.254.169.254/latest/api/token \
+    -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')"
+  curl -fsS -H "X-aws-ec2-metadata-token: ${tok}" "http://169.254.169.254/latest/meta-data/$1"
+}
+
+imds_gcp() {
+  curl -fsS -H 'Metadata-Flavor: Google' "http://metadata.google.internal/computeMetadata/v1/instance/$1"
+}
+
+node_ip() {
+  case "$CLOUD" in
+    aws) imds_aws local-ipv4 ;;
+    gcp) imds_gcp network-interfaces/0/ip ;;
+  esac
+}
+
+fetch_token() {
+  case "$CLOUD" in
+    aws) aws secretsmanager get-secret-value --region "$REGION" --secret-id "$SECRET_REF" \
+      --query SecretString --output text ;;
+    gcp) gcloud secrets versions access latest --secret="$SECRET_REF" --project="$PROJECT" ;;
+  esac
+}
+
+publish_ca() {
+  case "$CLOUD" in
+    aws) aws s3 cp --region "$REGION" --only-show-errors "$1" "$CA_CERT_URI" ;;
+    gcp) gcloud storage cp --quiet "$1" "$CA_CERT_URI" ;;
+  esac
+}
+
+@@GEN_HEAD_CERT@@
+
+@@SETUP_MONITORING@@
+
+log "start (stack ${STACK})"
+if ! id rlfleet >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/rlfleet --create-home --shell /usr/sbin/nologin rlfleet
+fi
+install -d -m 0750 -o root -g rlfleet /etc/rlfleet
+install -d -m 0755 /opt/rlfleet
+
+if [ ! -x /opt/rlfleet/venv/bin/ray ]; then
+  log "installing ray ${RAY_VERSION} and ${KIT_SPEC}"
+  python3 -m venv /opt/rlfleet/venv
+  /opt/rlfleet/venv/bin/pip install --quiet --upgrade pip
+  /opt/rlfleet/venv/bin/pip install --quiet "ray[default]==${RAY_VERSION}" "${KIT_SPEC}"
+fi
+
+# The token goes straight from the secret store into a 0600 file owned by the Ray user.
+token_tmp="$(mktemp /etc/rlfleet/.ray_token.XXXXXX)"
+fetch_token >"$token_tmp"
+chown rlfleet:rlfleet "$token_tmp"
+chmod 0600 "$token_tmp"
+mv -f "$token_tmp" /etc/rlfleet/ray_token
+
+NODE_IP="$(node_ip)"
+setup_monitoring "$NODE_IP" || log "monitoring agent setup failed; continuing without it"
+
+cat >/etc/rlfleet/ray.env <<ENV
+RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN_PATH=/etc/rlfleet/ray_token
+RLFLEET_SERVE_TOKEN_FILE=/etc/rlfleet/ray_token
+RLFLEET_TARGET=${STACK}
+ENV
+chmod 0640 /etc/rlfleet/ray.env
+chgrp rlfleet /etc/rlfleet/ray.env
+
+if [ "$ROLE" = head ]; then
+  if [ ! -s /etc/rlfleet/tls/server.pem ]; then
+    log "generating the head's TLS certificate"
+    gen_head_cert /etc/rlfleet/tls "$HEAD_PUBLIC_IP" "$NODE_IP"
+    chown -R rlfleet:rlfleet /etc/rlfleet/tls
+  fi
+  publish_ca /etc/rlfleet/tls/ca.pem
+  cat >/opt/rlfleet/tls_proxy.py <<'PYEOF'
+@@TLS_PROXY@@
+PYEOF
+  chmod 0644 /opt/rlfleet/tls_proxy.py
+  ray_args="--head --port=6379 --dashboard-host=127.0.0.1 --dashboard-port=8265 --num-gpus=0 --temp-dir=/var/lib/rlfleet/ray"
+  cat >/etc/systemd/system/rlfleet-tls-proxy.service <<UNIT
+[Unit]
+Description=rlfleet TLS endpoint for the Ray Jobs API
+After=network-online.target rlfleet-ray.service
+
+[Service]
+User=rlfleet
+ExecStart=/opt/rlfleet/venv/bin/python /opt/rlfleet/tls_proxy.py --listen 0.0.0.0:${API_PORT} --upstream 127.0.0.1:8265 --cert /etc/rlfleet/tls/server.pem --key /etc/rlfleet/tls/server.key
+Restart=always
+NoNewPrivileges=true
+ProtectSystem=strict
+ProtectHome=true
+PrivateTmp=true
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+else
+  ray_args="--address=${HEAD_PRIVATE_IP}:6379 --num-gpus=${GPU_COUNT}"
+fi
+
+cat >/etc/systemd/system/rlfleet-ray.service <<UNIT
+[Unit]
+Description=rlfleet Ray ${ROLE}
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+User=rlfleet
+EnvironmentFile=/etc/rlfleet/ray.env
+ExecStart=/opt/rlfleet/venv/bin/ray start --block ${ray_args} --node-ip-address=${NODE_IP} --metrics-export-port=8080
+ExecStop=/opt/rlfleet/venv/bin/ray stop
+Restart=on-failure
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+systemctl daemon-reload
+systemctl enable --now rlfleet-ray.service
+if [ "$ROLE" = head ]; then
+  systemctl enable --now rlfleet-tls-proxy.service
+fi
+
+if [ "$MAX_LIFETIME_MIN" -gt 0 ]; then
+  log "stopping this instance in ${MAX_LIFETIME_MIN} min (max_lifetime_hours)"
+  shutdown -h "+${MAX_LIFETIME_MIN}" "rlfleet: max lifetime reached"
+fi
+log "done"

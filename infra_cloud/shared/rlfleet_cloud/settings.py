@@ -1,0 +1,287 @@
+"""Stack settings: one typed, validated object per stack, same vocabulary on both clouds.
+
+``parse_settings(cloud, get, stack=...)`` reads raw config values through ``get(key) -> str |
+None`` (a ``pulumi.Config.get`` in the programs, a dict's ``get`` in tests) and raises
+:class:`StackConfigError` with a message naming the key and what to do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rlfleet.stack_outputs import PORT_API_DEFAULT, PORT_SSH
+
+
+class StackConfigError(ValueError):
+    """A stack config value is invalid; the message names the key and the fix."""
+
+
+# GPU worker types the kit knows: instance/machine type -> (gpu type, gpus per instance).
+AWS_GPU_INSTANCES: dict[str, tuple[str, int]] = {
+    **{f"g5.{s}": ("a10g", 1) for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    "g5.12xlarge": ("a10g", 4), "g5.24xlarge": ("a10g", 4), "g5.48xlarge": ("a10g", 8),
+    **{f"g6.{s}": ("l4", 1) for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    "g6.12xlarge": ("l4", 4), "g6.24xlarge": ("l4", 4), "g6.48xlarge": ("l4", 8),
+    **{f"g6e.{s}": ("l40s", 1) for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    **{f"g4dn.{s}": ("t4", 1) for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    "g4dn.12xlarge": ("t4", 4),
+    "p4d.24xlarge": ("a100", 8), "p5.48xlarge": ("h100", 8),
+}
+AWS_GPU_TYPES = frozenset(g for g, _ in AWS_GPU_INSTANCES.values())
+
+GCP_GPU_TYPES = frozenset({
+    "nvidia-l4", "nvidia-tesla-t4", "nvidia-tesla-v100", "nvidia-tesla-a100",
+    "nvidia-a100-80gb", "nvidia-h100-80gb",
+})
+# Machine families with built-in GPUs: machine type -> (accelerator, count). N1 types take
+# attached T4/V100 GPUs instead (any count in 1, 2, 4, 8).
+GCP_GPU_MACHINES: dict[str, tuple[str, int]] = {
+    **{f"g2-standard-{n}": ("nvidia-l4", 1) for n in (4, 8, 12, 16, 32)},
+    "g2-standard-24": ("nvidia-l4", 2), "g2-standard-48": ("nvidia-l4", 4),
+    "g2-standard-96": ("nvidia-l4", 8),
+    "a2-highgpu-1g": ("nvidia-tesla-a100", 1), "a2-highgpu-2g": ("nvidia-tesla-a100", 2),
+    "a2-highgpu-4g": ("nvidia-tesla-a100", 4), "a2-highgpu-8g": ("nvidia-tesla-a100", 8),
+    "a2-ultragpu-1g": ("nvidia-a100-80gb", 1), "a3-highgpu-8g": ("nvidia-h100-80gb", 8),
+}
+GCP_N1_GPUS = frozenset({"nvidia-tesla-t4", "nvidia-tesla-v100"})
+
+_WORLD = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+DEFAULTS: dict[str, dict[str, str]] = {
+    "aws": {
+        "head_instance_type": "m6i.xlarge",
+        "worker_instance_type": "g5.xlarge",
+        "image_family": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
+        "image_owner": "amazon",
+        "kit_spec": "rlfleet[agents,aws]==0.1.0",
+    },
+    "gcp": {
+        "head_instance_type": "n2-standard-4",
+        "worker_instance_type": "g2-standard-8",
+        "image_family": "common-cu128-ubuntu-2204-nvidia-570",
+        "image_owner": "deeplearning-platform-release",
+        "zone": "",
+        "kit_spec": "rlfleet[agents,gcp]==0.1.0",
+    },
+    "common": {
+        "network_cidr": "10.42.0.0/16",
+        "subnet_cidr": "10.42.1.0/24",
+        "worker_count": "1",
+        "spot": "false",
+        "disk_size_gb": "200",
+        "api_port": str(PORT_API_DEFAULT),
+        "idle_minutes": "30",
+        "max_lifetime_hours": "0",
+        "disk_alarm_percent": "90",
+        "checkpoint_noncurrent_days": "14",
+        "checkpoint_archive_days": "30",
+        "log_retention_days": "30",
+        "ray_version": "2.60.0",
+        "allow_world_control_ports": "false",
+        "secure_boot": "true",
+        "alert_email": "",
+    },
+}
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    cloud: str  # "aws" | "gcp"
+    stack: str
+    admin_cidrs: tuple[str, ...]
+    allow_world_control_ports: bool
+    network_cidr: str
+    subnet_cidr: str
+    existing_network: str | None  # aws: vpc id; gcp: network self link / name
+    existing_subnet: str | None  # aws: subnet id; gcp: subnetwork self link / name
+    head_instance_type: str
+    worker_instance_type: str
+    gpu_type: str
+    gpu_count: int
+    worker_count: int
+    spot: bool
+    disk_size_gb: int
+    image_family: str
+    image_owner: str  # aws: AMI owner; gcp: image project
+    api_port: int
+    idle_minutes: int
+    max_lifetime_hours: int
+    disk_alarm_percent: int
+    checkpoint_noncurrent_days: int
+    checkpoint_archive_days: int
+    log_retention_days: int
+    ray_version: str
+    kit_spec: str
+    secure_boot: bool
+    alert_email: str
+    zone: str = ""  # gcp only
+
+    @property
+    def control_ports(self) -> tuple[int, ...]:
+        """Ports reachable from the admin CIDRs (SSH and the TLS API endpoint)."""
+        return (PORT_SSH, self.api_port)
+
+
+def _int(key: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        val = int(raw)
+    except ValueError:
+        raise StackConfigError(f"config {key}: {raw!r} is not a whole number") from None
+    if not lo <= val <= hi:
+        raise StackConfigError(f"config {key}: {val} is out of range; use {lo}..{hi}")
+    return val
+
+
+def _bool(key: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no", ""):
+        return False
+    raise StackConfigError(f"config {key}: {raw!r} is not true or false")
+
+
+def parse_cidrs(raw: str | None, *, allow_world: bool) -> tuple[str, ...]:
+    """Admin CIDRs from a JSON list or a comma-separated string; world-open needs the override."""
+    key = "admin_cidrs"
+    if raw is None or not raw.strip():
+        raise StackConfigError(
+            f"config {key} is required: the networks allowed to reach SSH and the cluster API, "
+            "e.g. pulumi config set --path 'admin_cidrs[0]' 203.0.113.7/32"
+        )
+    raw = raw.strip()
+    try:
+        items = json.loads(raw) if raw.startswith("[") else [p for p in raw.split(",")]
+    except json.JSONDecodeError as err:
+        raise StackConfigError(f"config {key}: not a JSON list of CIDRs ({err})") from None
+    out: list[str] = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+        except ValueError as err:
+            raise StackConfigError(
+                f"config {key}: {text!r} is not a valid CIDR ({err}); write e.g. 203.0.113.7/32"
+            ) from None
+        if net in _WORLD and not allow_world:
+            raise StackConfigError(
+                f"config {key}: {text} would open SSH and the cluster API to the whole internet; "
+                "list your own networks instead, or set allow_world_control_ports=true if you "
+                "really mean it"
+            )
+        out.append(str(net))
+    if not out:
+        raise StackConfigError(f"config {key}: the list is empty; add at least one network")
+    return tuple(out)
+
+
+def _gpu(cloud: str, worker_type: str, gpu_type: str | None, gpu_count: str | None) -> tuple[str, int]:
+    if cloud == "aws":
+        known, table = AWS_GPU_TYPES, AWS_GPU_INSTANCES
+    else:
+        known, table = GCP_GPU_TYPES, GCP_GPU_MACHINES
+    if gpu_type is not None and gpu_type not in known:
+        raise StackConfigError(
+            f"config gpu_type: unknown GPU type {gpu_type!r} for {cloud}; known: {', '.join(sorted(known))}"
+        )
+    if worker_type in table:
+        t_gpu, t_count = table[worker_type]
+        if gpu_type is not None and gpu_type != t_gpu:
+            raise StackConfigError(
+                f"config gpu_type: {worker_type} comes with {t_gpu} GPUs, not {gpu_type}; "
+                "remove gpu_type or pick a matching worker_instance_type"
+            )
+        if gpu_count is not None and _int("gpu_count", gpu_count, 1, 16) != t_count:
+            raise StackConfigError(
+                f"config gpu_count: {worker_type} has {t_count} GPU(s); remove gpu_count or change the type"
+            )
+        return t_gpu, t_count
+    if cloud == "gcp" and worker_type.startswith("n1-"):
+        gpu = gpu_type or "nvidia-tesla-t4"
+        if gpu not in GCP_N1_GPUS:
+            raise StackConfigError(f"config gpu_type: N1 machines take {', '.join(sorted(GCP_N1_GPUS))}, not {gpu}")
+        count = _int("gpu_count", gpu_count or "1", 1, 8)
+        if count not in (1, 2, 4, 8):
+            raise StackConfigError("config gpu_count: N1 machines take 1, 2, 4 or 8 GPUs")
+        return gpu, count
+    if gpu_type is None or gpu_count is None:
+        raise StackConfigError(
+            f"config worker_instance_type: {worker_type!r} is not a GPU type the kit knows; "
+            "set gpu_type and gpu_count explicitly if it has GPUs"
+        )
+    return gpu_type, _int("gpu_count", gpu_count, 1, 16)
+
+
+_PIP_SPEC = re.compile(r"^[A-Za-z0-9_.\-\[\],=<>~!+ ]+$|^(https|git\+https)://[^\s'\"`$;|&]+$")
+
+
+def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) -> ClusterSettings:
+    if cloud not in ("aws", "gcp"):
+        raise StackConfigError(f"unknown cloud {cloud!r}")
+    defaults = {**DEFAULTS["common"], **DEFAULTS[cloud]}
+
+    def val(key: str) -> str:
+        raw = get(key)
+        return defaults[key] if raw is None else str(raw)
+
+    allow_world = _bool("allow_world_control_ports", val("allow_world_control_ports"))
+    admin = parse_cidrs(get("admin_cidrs"), allow_world=allow_world)
+    for key in ("network_cidr", "subnet_cidr"):
+        try:
+            ipaddress.ip_network(val(key), strict=True)
+        except ValueError as err:
+            raise StackConfigError(f"config {key}: {val(key)!r} is not a valid CIDR ({err})") from None
+    if not ipaddress.ip_network(val("subnet_cidr")).subnet_of(ipaddress.ip_network(val("network_cidr"))):  # type: ignore[arg-type]
+        raise StackConfigError("config subnet_cidr must lie inside network_cidr")
+    worker_type = val("worker_instance_type")
+    gpu_type, gpu_count = _gpu(cloud, worker_type, get("gpu_type"), get("gpu_count"))
+    api_port = _int("api_port", val("api_port"), 1024, 65535)
+    if api_port in (6379, 8265, 10001, 8080):
+        raise StackConfigError(f"config api_port: {api_port} is one of Ray's own ports; use e.g. 8443")
+    kit_spec = val("kit_spec")
+    if not _PIP_SPEC.match(kit_spec):
+        raise StackConfigError(f"config kit_spec: {kit_spec!r} is not a plain pip requirement or https URL")
+    ray_version = val("ray_version")
+    if not re.fullmatch(r"\d+\.\d+\.\d+", ray_version):
+        raise StackConfigError(f"config ray_version: {ray_version!r} is not a version like 2.60.0")
+    email = val("alert_email")
+    if email and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", email):
+        raise StackConfigError(f"config alert_email: {email!r} is not an email address")
+    network, subnet = get("existing_network"), get("existing_subnet")
+    if bool(network) != bool(subnet):
+        raise StackConfigError("config existing_network and existing_subnet go together; set both or neither")
+    return ClusterSettings(
+        cloud=cloud,
+        stack=stack,
+        admin_cidrs=admin,
+        allow_world_control_ports=allow_world,
+        network_cidr=val("network_cidr"),
+        subnet_cidr=val("subnet_cidr"),
+        existing_network=network or None,
+        existing_subnet=subnet or None,
+        head_instance_type=val("head_instance_type"),
+        worker_instance_type=worker_type,
+        gpu_type=gpu_type,
+        gpu_count=gpu_count,
+        worker_count=_int("worker_count", val("worker_count"), 0, 64),
+        spot=_bool("spot", val("spot")),
+        disk_size_gb=_int("disk_size_gb", val("disk_size_gb"), 50, 16384),
+        image_family=val("image_family"),
+        image_owner=val("image_owner"),
+        api_port=api_port,
+        idle_minutes=_int("idle_minutes", val("idle_minutes"), 5, 1440),
+        max_lifetime_hours=_int("max_lifetime_hours", val("max_lifetime_hours"), 0, 24 * 30),
+        disk_alarm_percent=_int("disk_alarm_percent", val("disk_alarm_percent"), 50, 99),
+        checkpoint_noncurrent_days=_int("checkpoint_noncurrent_days", val("checkpoint_noncurrent_days"), 1, 3650),
+        checkpoint_archive_days=_int("checkpoint_archive_days", val("checkpoint_archive_days"), 1, 3650),
+        log_retention_days=_int("log_retention_days", val("log_retention_days"), 1, 3653),
+        ray_version=ray_version,
+        kit_spec=kit_spec,
+        secure_boot=_bool("secure_boot", val("secure_boot")),
+        alert_email=email,
+        zone=val("zone") if cloud == "gcp" else "",
+    )

@@ -1,0 +1,59 @@
+"""Names shared by the cloud Pulumi programs, the SDK and the tests.
+
+The programs in ``infra_cloud/aws`` and ``infra_cloud/gcp`` export their stack outputs under
+these keys; :mod:`rlfleet.provisioners.pulumi_stack` reads them back to build a Target. This
+module imports nothing but the standard library so a Pulumi program can import it cheaply.
+"""
+
+from __future__ import annotations
+
+# -- stack output keys ------------------------------------------------------------------------
+OUTPUT_RAY_ADDRESS = "ray_address"  # https://<head static ip>:<api port> (TLS, pinned CA)
+OUTPUT_ARTIFACT_ROOT = "artifact_root"  # s3://<bucket>/rlfleet | gs://<bucket>/rlfleet
+OUTPUT_TOKEN_SECRET = "token_secret"  # noqa: S105 - aws-secret:<arn> | gcp-secret:projects/<p>/secrets/<s>
+OUTPUT_RAY_TOKEN = "ray_token"  # noqa: S105 - the token itself; always a Pulumi secret output
+OUTPUT_CA_CERT_URI = "ca_cert_uri"  # object the head publishes its TLS CA certificate to
+OUTPUT_DASHBOARD_URL = "dashboard_url"  # cloud console dashboard
+OUTPUT_REGION = "region"
+OUTPUT_HEAD_INSTANCE = "head_instance"  # instance id (aws) / name (gcp)
+OUTPUT_WORKER_INSTANCES = "worker_instances"
+OUTPUT_STACK_TAG = "stack_tag"  # value of the rlfleet:stack tag / rlfleet-stack label
+
+ALL_OUTPUTS = (
+    OUTPUT_RAY_ADDRESS,
+    OUTPUT_ARTIFACT_ROOT,
+    OUTPUT_TOKEN_SECRET,
+    OUTPUT_RAY_TOKEN,
+    OUTPUT_CA_CERT_URI,
+    OUTPUT_DASHBOARD_URL,
+    OUTPUT_REGION,
+    OUTPUT_HEAD_INSTANCE,
+    OUTPUT_WORKER_INSTANCES,
+    OUTPUT_STACK_TAG,
+)
+REQUIRED_OUTPUTS = (OUTPUT_RAY_ADDRESS, OUTPUT_ARTIFACT_ROOT, OUTPUT_TOKEN_SECRET, OUTPUT_REGION)
+SECRET_OUTPUTS = (OUTPUT_RAY_TOKEN,)
+
+# -- tags / labels (ARCHITECTURE.md) ----------------------------------------------------------
+AWS_TAG_STACK = "rlfleet:stack"
+AWS_TAG_MANAGED = "rlfleet:managed"
+GCP_LABEL_STACK = "rlfleet-stack"
+GCP_LABEL_MANAGED = "rlfleet-managed"
+
+# -- ports ------------------------------------------------------------------------------------
+PORT_SSH = 22
+PORT_API_DEFAULT = 8443  # TLS proxy in front of Ray's dashboard / Jobs API (127.0.0.1:8265)
+PORT_RAY_GCS = 6379
+PORT_RAY_DASHBOARD = 8265
+PORT_RAY_CLIENT = 10001
+PORT_RAY_METRICS = 8080  # Ray's Prometheus endpoint on every node (scraped locally only)
+CONTROL_PORTS = (PORT_SSH, PORT_API_DEFAULT, PORT_RAY_GCS, PORT_RAY_DASHBOARD, PORT_RAY_CLIENT)
+
+# -- metric names (ARCHITECTURE.md; Ray prefixes ray_) -----------------------------------------
+METRIC_EPISODE_RETURN = "ray_rlfleet_episode_return"
+METRIC_STEPS_PER_SECOND = "ray_rlfleet_steps_per_second"
+METRIC_ENV_STEPS_TOTAL = "ray_rlfleet_env_steps_total"
+
+# Where the head publishes its CA certificate, relative to the artifact bucket.
+CA_CERT_OBJECT = "rlfleet/cluster/head-ca.pem"
+ARTIFACT_PREFIX = "rlfleet"
