@@ -23,6 +23,17 @@ import pytest
 VENV_BIN = Path(sys.executable).parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Isolate every test run from the user's own rlfleet state and targets file."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rlfleet-test-"))
+    os.environ["RLFLEET_HOME"] = str(base / "home")
+    os.environ["XDG_CONFIG_HOME"] = str(base / "config")
+    os.environ.pop("RLFLEET_TARGET", None)
+    os.environ.pop("RLFLEET_CONFIG", None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,6 +53,18 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             last = err
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up in {timeout} s: {last}")
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[object]:
+    """The embedded local target's Ray head, started once for the whole test run (~10 s)."""
+    from rlfleet.local import ensure_local_up, local_down
+
+    target = ensure_local_up()
+    try:
+        yield target
+    finally:
+        local_down()
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +103,8 @@ def moto_reset(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def gcs_emulator() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+        [str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port),
+         "--in-memory"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

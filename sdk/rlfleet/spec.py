@@ -139,6 +139,8 @@ class RunSpec(_Frozen):
             path = Path(self.code).expanduser()
             if not path.is_dir():
                 raise ValueError(f"code: {self.code!r} is not a directory on this machine")
+        if self.code is None and ":" not in self.env and "/" not in self.env:
+            _check_env_registered(self.env)
         if self.agent == "random" and self.config:
             raise ValueError("config: the 'random' agent takes no config")
         if self.config:
@@ -217,6 +219,22 @@ def _check_agent_config(agent: str, config: dict[str, Any]) -> None:
     except ImportError:  # agents extra not installed here: the run validates on the cluster
         return
     validate_config(agent, config)  # raises ValueError naming the key
+
+
+def _check_env_registered(env_id: str) -> None:
+    """Catch typos in built-in env ids before submitting (needs gymnasium; skipped without it)."""
+    try:
+        from gymnasium.envs.registration import registry
+    except ImportError:
+        return
+    if env_id in registry:
+        return
+    hint = difflib.get_close_matches(env_id, list(registry), n=1)
+    raise ValueError(
+        f"env: {env_id!r} is not a registered Gymnasium env"
+        + (f"; did you mean {hint[0]!r}?" if hint else "")
+        + " (custom envs: 'my_module:MyEnv-v0' with code=<project dir>)"
+    )
 
 
 def format_validation_error(err: ValidationError) -> str:

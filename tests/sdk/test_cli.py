@@ -1,0 +1,111 @@
+"""The CLI: bad input gives one clear line on stderr and a conventional exit code, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RLFLEET = str(Path(sys.executable).parent / "rlfleet")
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([RLFLEET, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+def _bad_spec_file(tmp: Path) -> str:
+    p = tmp / "bad.yaml"
+    p.write_text("kind: train\nbudget: {steps: 0}\n")
+    return str(p)
+
+
+# (args, exit code, substrings of stderr). No cluster needed for any of these.
+BAD_CLI = [
+    (["run", "train", "--steps", "-5"], 2, ["budget.steps", "greater than 0"]),
+    (["run", "train", "--steps", "ten"], 2, ["'ten' is not a valid integer"]),
+    (["run", "eval"], 2, ["source", "--from RUN_ID"]),
+    (["run", "train", "--from", "rl-1"], 2, ["source", "resume_from"]),
+    (["run", "fly"], 2, ["'fly' is not one of 'train', 'eval', 'deploy'"]),
+    (["run", "train", "--agent", "sac"], 2, ["'sac' is not one of"]),
+    (["run", "train", "--env", "Cart Pole"], 2, ["env", "not a Gymnasium env id"]),
+    (["run", "train", "--seed", "-3"], 2, ["seed"]),
+    (["run", "train", "--config", "learnin_rate=0.1"], 2, ["config", "learnin_rate"]),
+    (["run", "train", "--config", "novalue"], 2, ["--config takes KEY=VALUE"]),
+    (["run", "train", "--code", "/nonexistent"], 2, ["code", "not a directory"]),
+    (["run", "train", "--spec", "/nonexistent.yaml"], 2, ["cannot read spec file"]),
+    (["run", "train", "--target", "nope"], 2, ["no target named 'nope'", "rlfleet target add"]),
+    (["runs", "--target", "nope"], 2, ["no target named 'nope'"]),
+    (["status", "rl-1", "--target", "nope"], 2, ["no target named 'nope'"]),
+    (["target", "add", "ray", "--address", "http://127.0.0.1:1"], 2, ["needs --token-file, --artifact-root"]),
+    (["target", "remove", "nope"], 2, ["no target named 'nope'"]),
+    (["nosuchcommand"], 2, ["No such command 'nosuchcommand'"]),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "expect"), BAD_CLI, ids=[" ".join(a) for a, _, _ in BAD_CLI])
+def test_bad_cli_input(args: list[str], code: int, expect: list[str]) -> None:
+    res = cli(*args)
+    assert res.returncode == code, res.stderr
+    for part in expect:
+        assert part in res.stderr, f"{part!r} not in {res.stderr!r}"
+    assert "Traceback" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_spec_file_errors(tmp_path: Path) -> None:
+    res = cli("run", "train", "--spec", _bad_spec_file(tmp_path))
+    assert res.returncode == 2 and "budget.steps" in res.stderr and "Traceback" not in res.stderr
+    good = tmp_path / "train.yaml"
+    good.write_text("kind: train\nbudget: {steps: 100}\n")
+    res = cli("run", "eval", "--spec", str(good), "--from", "rl-1")
+    assert res.returncode == 2 and "describes a train run" in res.stderr
+
+
+def test_debug_shows_traceback() -> None:
+    res = cli("--debug", "run", "train", "--steps", "-5")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_help_is_cheap_and_lists_commands() -> None:
+    res = cli("--help")
+    assert res.returncode == 0
+    for name in ("run", "runs", "status", "logs", "wait", "cancel", "artifacts", "local", "target", "down"):
+        assert f"  {name} " in res.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from rlfleet.cli import main\n"
+         "try: main(['--help'])\nexcept SystemExit: pass\n"
+         "heavy=[m for m in ('torch','ray','pulumi','pulumi_aws','ansible_runner','gymnasium','pydantic') if m in sys.modules]\n"
+         "print(heavy)"],
+        capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip().splitlines()[-1] == "[]", probe.stdout
+
+
+def test_unreachable_and_wrong_token_targets(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("not-the-token")
+    token.chmod(0o600)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    res = cli("target", "add", "ray", "--name", "dead", "--address", "http://127.0.0.1:9",
+              "--token-file", str(token), "--artifact-root", f"file://{tmp_path}/art", env=env)
+    assert res.returncode == 0, res.stderr
+    res = cli("runs", "--target", "dead", env=env)
+    assert res.returncode == 3 and "cannot reach the Ray cluster of target 'dead'" in res.stderr
+    res = cli("target", "list", "--json", env=env)
+    names = [t["name"] for t in json.loads(res.stdout)]
+    assert names == ["local", "dead"]
+    token.chmod(0o644)
+    res = cli("runs", "--target", "dead", env=env)
+    assert res.returncode == 3 and "chmod 600" in res.stderr
+    res = cli("target", "remove", "dead", env=env)
+    assert res.returncode == 0
+
+
+def test_artifacts_of_unknown_run(tmp_path: Path) -> None:
+    res = cli("artifacts", "rl-nope", env={"RLFLEET_HOME": str(tmp_path)})
+    assert res.returncode == 6 and "rl-nope has no artifacts" in res.stderr
