@@ -64,7 +64,6 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "worker_instance_type": "g2-standard-8",
         "image_family": "common-cu128-ubuntu-2204-nvidia-570",
         "image_owner": "deeplearning-platform-release",
-        "zone": "",
         "kit_spec": "rlfleet[agents,gcp]==0.1.0",
     },
     "common": {
@@ -84,6 +83,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "allow_world_control_ports": "false",
         "secure_boot": "true",
         "alert_email": "",
+        "zone": "",
     },
 }
 
@@ -118,7 +118,7 @@ class ClusterSettings:
     kit_spec: str
     secure_boot: bool
     alert_email: str
-    zone: str = ""  # gcp only
+    zone: str = ""  # aws: availability zone; gcp: zone ("" = first zone of the region)
 
     @property
     def control_ports(self) -> tuple[int, ...]:
@@ -283,5 +283,5 @@ def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) 
         kit_spec=kit_spec,
         secure_boot=_bool("secure_boot", val("secure_boot")),
         alert_email=email,
-        zone=val("zone") if cloud == "gcp" else "",
+        zone=val("zone"),
     )

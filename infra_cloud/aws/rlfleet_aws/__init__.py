@@ -1,0 +1,1 @@
+"""rlfleet's AWS cluster: typed Pulumi components (see ../__main__.py)."""

@@ -1,0 +1,146 @@
+"""Pulumi unit-test harness for infra_cloud/{aws,gcp}: one set_mocks per process (a Pulumi
+limitation), resources captured by the mocks, outputs resolved with preview=False so every
+assertion really runs. No Pulumi CLI or cloud is involved (neither can run on this machine)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+from pulumi.runtime.sync_await import _sync_await
+
+ROOT = Path(__file__).resolve().parents[2]
+for p in (ROOT / "infra_cloud" / "shared", ROOT / "infra_cloud" / "aws", ROOT / "infra_cloud" / "gcp", ROOT / "sdk"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+ACCOUNT = "123456789012"
+GCP_PROJECT = "rlfleet-test"
+GCP_PROJECT_NUMBER = "424242424242"
+
+
+@dataclass
+class Captured:
+    typ: str
+    name: str
+    inputs: dict[str, Any]
+    state: dict[str, Any]
+
+
+class Mocks(pulumi.runtime.Mocks):
+    def __init__(self) -> None:
+        self.resources: list[Captured] = []
+        self.calls: list[tuple[str, dict]] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        inputs = dict(args.inputs)
+        name, typ = args.name, args.typ
+        state: dict[str, Any] = dict(inputs)
+        if typ.startswith("aws:"):
+            service = typ.split(":")[1].split("/")[0]
+            state.setdefault("arn", f"arn:aws:{service}:us-east-1:{ACCOUNT}:{name}")
+            if typ == "aws:s3/bucket:Bucket":
+                state["bucket"] = inputs.get("bucketPrefix", "b-") + "abc123"
+                state["arn"] = f"arn:aws:s3:::{state['bucket']}"
+            if typ == "aws:ec2/eip:Eip":
+                state.update(publicIp="198.51.100.7", allocationId=f"eipalloc-{name}")
+            if typ == "aws:ec2/instance:Instance":
+                state.update(privateIp="10.42.1.10", publicIp="")
+            if typ == "aws:kms/key:Key":
+                state["keyId"] = f"key-{name}"
+            if typ == "aws:cloudwatch/logGroup:LogGroup":
+                state["arn"] = f"arn:aws:logs:us-east-1:{ACCOUNT}:log-group:{inputs['name']}"
+            if typ == "aws:secretsmanager/secret:Secret":
+                state["arn"] = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:{name}-AbCdEf"
+            if typ == "aws:iam/role:Role":
+                state["name"] = name
+        if typ == "random:index/randomPassword:RandomPassword":
+            state["result"] = "t" * int(inputs.get("length", 16))
+        if typ.startswith("gcp:"):
+            state.setdefault("name", inputs.get("name", name))
+            state.setdefault("selfLink", f"https://www.googleapis.com/compute/v1/projects/{GCP_PROJECT}/x/{name}")
+            state.setdefault("id", f"projects/{GCP_PROJECT}/x/{name}")
+            if typ == "gcp:compute/address:Address":
+                internal = inputs.get("addressType") == "INTERNAL"
+                state["address"] = "10.42.1.2" if internal else "203.0.113.50"
+            if typ == "gcp:serviceaccount/account:Account":
+                state["email"] = f"{inputs['accountId']}@{GCP_PROJECT}.iam.gserviceaccount.com"
+                state["member"] = f"serviceAccount:{state['email']}"
+            if typ == "gcp:secretmanager/secret:Secret":
+                state["name"] = f"projects/{GCP_PROJECT_NUMBER}/secrets/{inputs['secretId']}"
+            if typ == "gcp:kms/cryptoKey:CryptoKey":
+                state["id"] = f"projects/{GCP_PROJECT}/locations/us-central1/keyRings/r/cryptoKeys/{inputs['name']}"
+            if typ == "gcp:pubsub/topic:Topic":
+                state["id"] = f"projects/{GCP_PROJECT}/topics/{inputs['name']}"
+            if typ == "gcp:monitoring/dashboard:Dashboard":
+                state["id"] = f"projects/{GCP_PROJECT_NUMBER}/dashboards/{name}"
+        self.resources.append(Captured(typ, name, inputs, state))
+        return f"{name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        self.calls.append((args.token, dict(args.args)))
+        tok = args.token
+        if tok == "aws:index/getRegion:getRegion":
+            return {"name": "us-east-1", "region": "us-east-1", "id": "us-east-1"}
+        if tok == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"accountId": ACCOUNT, "arn": f"arn:aws:iam::{ACCOUNT}:user/t", "userId": "u", "id": ACCOUNT}
+        if tok == "aws:ec2/getAmi:getAmi":
+            return {"id": "ami-0dlami", "imageId": "ami-0dlami", "name": "Deep Learning Base OSS"}
+        if tok == "gcp:compute/getImage:getImage":
+            return {"selfLink": "projects/deeplearning-platform-release/global/images/dlvm-1", "name": "dlvm-1"}
+        if tok == "gcp:organizations/getProject:getProject":
+            return {"projectId": GCP_PROJECT, "number": GCP_PROJECT_NUMBER, "id": GCP_PROJECT}
+        if tok == "gcp:storage/getProjectServiceAccount:getProjectServiceAccount":
+            email = f"service-{GCP_PROJECT_NUMBER}@gs-project-accounts.iam.gserviceaccount.com"
+            return {"emailAddress": email, "member": f"serviceAccount:{email}", "project": GCP_PROJECT}
+        if tok == "gcp:compute/getZones:getZones":
+            return {"names": ["us-central1-a", "us-central1-b"]}
+        raise NotImplementedError(f"mock call {tok} not answered")
+
+
+MOCKS = Mocks()
+pulumi.runtime.set_mocks(MOCKS, project="rlfleet-test", stack="dev", preview=False)
+
+
+@dataclass
+class Built:
+    resources: list[Captured]
+    outputs: dict[str, Any]
+    secret: dict[str, bool] = field(default_factory=dict)
+
+    def of(self, typ: str) -> list[Captured]:
+        return [r for r in self.resources if r.typ == typ]
+
+    def one(self, typ: str) -> Captured:
+        found = self.of(typ)
+        assert len(found) == 1, f"expected one {typ}, got {len(found)}"
+        return found[0]
+
+
+def build(program: Callable[[], dict[str, pulumi.Output]], config: dict[str, str]) -> Built:
+    """Run a program under the mocks with this config; return captured resources and outputs."""
+    MOCKS.resources = []
+    pulumi.runtime.set_all_config(config)
+    holder: dict[str, Any] = {}
+
+    @pulumi.runtime.test
+    def run() -> pulumi.Output:
+        outs = program()
+        holder["outs"] = outs
+        keys = list(outs)
+        return pulumi.Output.all(*[outs[k] for k in keys]).apply(
+            lambda vals: holder.__setitem__("values", dict(zip(keys, vals, strict=True))))
+
+    run()
+    secret = {k: _sync_await(o.is_secret()) for k, o in holder["outs"].items()}
+    return Built(list(MOCKS.resources), holder["values"], secret)
+
+
+@pytest.fixture(scope="session")
+def mocks() -> Mocks:
+    return MOCKS
