@@ -1,0 +1,240 @@
+"""``rlfleet cleanup``: prune run artifacts by a retention rule, never the ones that matter.
+
+Rules (both optional, at least one required; together, a run is removed only if both say so):
+
+- ``older_than``: remove runs created longer ago than this (``30d``, ``12h``, ``2w``);
+- ``keep_last``: keep the N newest runs of each name (the spec's ``name``, else agent-env).
+
+Never removed, whatever the rules say:
+
+- runs that are active (running, pending, or deploy runs still serving) — the caller passes their
+  ids (``active_run_ids``; the CLI asks the target's cluster) — and the runs they read from
+  (a deploy's or eval's ``source``, a train's ``resume_from``);
+- the newest run of each name;
+- when the active runs are unknown (``active_run_ids=None``: cluster unreachable), every run
+  without a manifest, because it may still be writing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from rlfleet.artifacts import MANIFEST, ArtifactStore
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``30d`` -> 30 days. Units: s, m, h, d, w."""
+    m = _AGE.match(text or "")
+    if not m:
+        raise ValueError(f"{text!r} is not an age like 30d, 12h, 2w (units: s m h d w)")
+    return timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    name: str
+    kind: str
+    created: datetime | None
+    complete: bool
+    reads_from: tuple[str, ...] = ()  # run ids this run reads (source, resume_from)
+
+
+@dataclass
+class CleanupPlan:
+    remove: list[RunRecord] = field(default_factory=list)
+    keep: list[tuple[RunRecord, str]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)  # run_id -> bytes, for runs to remove
+
+    @property
+    def bytes_to_free(self) -> int:
+        return sum(self.sizes.get(r.run_id, 0) for r in self.remove)
+
+
+def _run_id_of(ref: str | None) -> str | None:
+    if not ref:
+        return None
+    return ref.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _label(spec: dict[str, Any]) -> str:
+    if spec.get("name"):
+        return str(spec["name"])
+    env = re.sub(r"[^a-z0-9]+", "-", str(spec.get("env", "")).lower()).strip("-")
+    return f"{spec.get('agent', 'run')}-{env}" if env else str(spec.get("agent", "run"))
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return None
+
+
+def read_run(store: ArtifactStore, run_id: str) -> RunRecord:
+    """What cleanup needs to know about one run, from its spec.json and manifest.json."""
+    arts = store.run(run_id)
+    files = arts.list_files()
+    complete = MANIFEST in files
+    spec: dict[str, Any] = {}
+    if "spec.json" in files:
+        try:
+            spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
+        except Exception:
+            spec = {}
+    created: datetime | None = None
+    if complete:
+        try:
+            created = _parse_time(arts.manifest().created_at)
+        except Exception:
+            created = None
+    if created is None and files:
+        # incomplete run (failed/cancelled/running): the newest file's time is its last sign of life
+        times = []
+        for rel in files:
+            try:
+                times.append(_parse_time(store.fs.modified(arts._p(rel))))
+            except Exception:  # noqa: S112 - a store without mtimes: age stays unknown
+                continue
+        times = [t for t in times if t is not None]
+        created = max(times) if times else None
+    reads = tuple(x for x in (_run_id_of(spec.get("source")), _run_id_of(spec.get("resume_from"))) if x)
+    return RunRecord(
+        run_id=run_id,
+        name=_label(spec),
+        kind=str(spec.get("kind", "?")),
+        created=created,
+        complete=complete,
+        reads_from=reads,
+    )
+
+
+def plan_cleanup(
+    store: ArtifactStore,
+    *,
+    older_than: timedelta | None = None,
+    keep_last: int | None = None,
+    active_run_ids: Iterable[str] | None,
+    now: datetime | None = None,
+    records: list[RunRecord] | None = None,
+) -> CleanupPlan:
+    """Decide which runs to remove; changes nothing."""
+    if older_than is None and keep_last is None:
+        raise ValueError("give a retention rule: --older-than AGE and/or --keep-last N")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError("--keep-last must be at least 1 (the newest run of each name is always kept)")
+    now = now or datetime.now(timezone.utc)
+    if records is None:
+        records = [read_run(store, rid) for rid in store.list_run_ids()]
+    by_id = {r.run_id: r for r in records}
+
+    protected: dict[str, str] = {}
+    if active_run_ids is None:
+        # unknown: any run without a manifest may still be writing, any deploy run may be serving
+        for r in records:
+            if not r.complete:
+                protected[r.run_id] = "no manifest and the cluster could not say whether it is still running"
+            if not r.complete or r.kind == "deploy":
+                for src in r.reads_from:
+                    protected.setdefault(src, f"used by run {r.run_id}, which may still be active")
+    else:
+        active = set(active_run_ids)
+        for rid in sorted(active):
+            protected[rid] = "running or deployed"
+            rec = by_id.get(rid)
+            for src in rec.reads_from if rec else ():
+                protected.setdefault(src, f"used by active run {rid}")
+
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(r.name, []).append(r)
+    rank: dict[str, int] = {}
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    for name, runs in groups.items():
+        runs.sort(key=lambda r: (r.created or oldest, r.run_id), reverse=True)
+        for i, r in enumerate(runs):
+            rank[r.run_id] = i
+        protected.setdefault(runs[0].run_id, f"latest run named {name!r}")
+
+    plan = CleanupPlan()
+    for r in sorted(records, key=lambda r: r.run_id):
+        if r.run_id in protected:
+            plan.keep.append((r, protected[r.run_id]))
+            continue
+        if r.created is None:
+            plan.keep.append((r, "creation time unknown"))
+            continue
+        if older_than is not None and now - r.created <= older_than:
+            plan.keep.append((r, f"younger than {_fmt_age(older_than)}"))
+            continue
+        if keep_last is not None and rank[r.run_id] < keep_last:
+            plan.keep.append((r, f"among the {keep_last} newest runs named {r.name!r}"))
+            continue
+        plan.remove.append(r)
+    for r in plan.remove:
+        try:
+            plan.sizes[r.run_id] = store.run(r.run_id).size_bytes()
+        except Exception:
+            plan.sizes[r.run_id] = 0
+    return plan
+
+
+def _fmt_age(td: timedelta) -> str:
+    s = td.total_seconds()
+    for unit, n in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n and s % n == 0:
+            return f"{int(s // n)}{unit}"
+    return f"{int(s)}s"
+
+
+def apply_cleanup(store: ArtifactStore, plan: CleanupPlan, *, echo: Callable[[str], None] = print) -> int:
+    """Delete the runs the plan removes; returns the bytes freed (sizes measured when planning)."""
+    freed = 0
+    for r in plan.remove:
+        size = plan.sizes.get(r.run_id, 0)
+        store.run(r.run_id).delete()
+        freed += size
+        echo(f"removed run {r.run_id} ({r.name}, {human_bytes(size)})")
+    return freed
+
+
+def active_run_ids_from(runs: Iterable[Any]) -> set[str]:
+    """Ids of runs that are not terminal (a deploy run stays RUNNING while it serves), plus the
+    runs they read from when the cluster knows their spec."""
+    out = set()
+    for run in runs:
+        if run.status().is_terminal():
+            continue
+        out.add(run.run_id)
+        try:
+            spec = run.spec
+        except Exception:  # noqa: S112 - the store's spec.json is consulted too
+            continue
+        for ref in (getattr(spec, "source", None), getattr(spec, "resume_from", None)):
+            rid = _run_id_of(ref)
+            if rid:
+                out.add(rid)
+    return out
