@@ -1,0 +1,1 @@
+"""rlfleet's GCP cluster: typed Pulumi components (see ../__main__.py)."""

@@ -1,0 +1,143 @@
+"""Monitoring and cost guard: alert policies (idle → stop via Pub/Sub + a stop function,
+unhealthy, disk nearly full) and a Cloud Monitoring dashboard (ARCHITECTURE.md metric names)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pulumi_gcp as gcp
+from rlfleet_cloud.settings import ClusterSettings
+
+from rlfleet.stack_outputs import GCP_LABEL_STACK, METRIC_EPISODE_RETURN, METRIC_STEPS_PER_SECOND
+
+from .common import labels
+
+STOPPER_DIR = Path(__file__).parent / "stopper"
+
+
+USED = ' AND metric.label.state = "used"'
+
+
+def _vm_filter(stack: str, metric: str, role: str | None = None) -> str:
+    f = (f'resource.type = "gce_instance" AND metric.type = "{metric}" '
+         f'AND metadata.user_labels."{GCP_LABEL_STACK}" = "{stack}"')
+    if role:
+        f += f' AND metadata.user_labels."rlfleet-role" = "{role}"'
+    return f
+
+
+def dashboard_json(stack: str) -> str:
+    def chart(title: str, filt: str, reducer: str = "REDUCE_NONE") -> dict:
+        return {"title": title, "xyChart": {"dataSets": [{"timeSeriesQuery": {"timeSeriesFilter": {
+            "filter": filt, "aggregation": {"alignmentPeriod": "60s", "perSeriesAligner": "ALIGN_MEAN",
+                                            "crossSeriesReducer": reducer}}}}]}}
+
+    prom = 'resource.type = "prometheus_target" AND metric.type = "prometheus.googleapis.com/{}/gauge"'
+    tiles = [
+        chart("Episode return", prom.format(METRIC_EPISODE_RETURN)),
+        chart("Env steps / s", prom.format(METRIC_STEPS_PER_SECOND)),
+        chart("GPU utilization %", _vm_filter(stack, "agent.googleapis.com/gpu/utilization")),
+        chart("GPU memory used", _vm_filter(stack, "agent.googleapis.com/gpu/memory/bytes_used")),
+        chart("Node health (uptime)", _vm_filter(stack, "compute.googleapis.com/instance/uptime")),
+        chart("Disk used %", _vm_filter(stack, "agent.googleapis.com/disk/percent_used") + USED),
+    ]
+    return json.dumps({"displayName": f"rlfleet {stack}",
+                       "gridLayout": {"columns": "2", "widgets": tiles}})
+
+
+@dataclass
+class MonitoringArgs:
+    settings: ClusterSettings
+    region: str
+    project: str
+    project_number: str
+    bucket_name: pulumi.Input[str]
+
+
+class ClusterMonitoring(pulumi.ComponentResource):
+    dashboard_url: pulumi.Output[str]
+
+    def __init__(self, name: str, args: MonitoringArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("rlfleet:gcp:ClusterMonitoring", name, None, opts)
+        s = args.settings
+        child = pulumi.ResourceOptions(parent=self)
+        # idle alert -> Pub/Sub -> stop function (the cloud stops the VM, not the VM itself)
+        topic = gcp.pubsub.Topic(f"{name}-idle", name=f"rlfleet-{s.stack}-idle", labels=labels(s.stack), opts=child)
+        gcp.pubsub.TopicIAMMember(
+            f"{name}-idle-publisher", topic=topic.id, role="roles/pubsub.publisher",
+            member=f"serviceAccount:service-{args.project_number}@gcp-sa-monitoring-notification.iam.gserviceaccount.com",
+            opts=child)
+        idle_channel = gcp.monitoring.NotificationChannel(
+            f"{name}-idle-channel", display_name=f"rlfleet {s.stack} idle stop", type="pubsub",
+            labels={"topic": topic.id}, user_labels=labels(s.stack), opts=child)
+        channels: list[pulumi.Input[str]] = []
+        if s.alert_email:
+            email = gcp.monitoring.NotificationChannel(
+                f"{name}-email", display_name=f"rlfleet {s.stack} alerts", type="email",
+                labels={"email_address": s.alert_email}, user_labels=labels(s.stack), opts=child)
+            channels.append(email.id)
+
+        stopper_sa = gcp.serviceaccount.Account(f"{name}-stopper-sa", account_id=f"rlfleet-{s.stack}-stop"[:30],
+                                                display_name=f"rlfleet {s.stack} idle stopper", opts=child)
+        stop_role = gcp.projects.IAMCustomRole(
+            f"{name}-stop-role", role_id=f"rlfleet_{s.stack.replace('-', '_')}_stop", project=args.project,
+            title=f"rlfleet {s.stack} stop VMs", permissions=["compute.instances.get", "compute.instances.stop"],
+            opts=child)
+        gcp.projects.IAMMember(
+            f"{name}-stop-binding", project=args.project, role=stop_role.name,
+            member=pulumi.Output.concat("serviceAccount:", stopper_sa.email),
+            condition={"title": "own stack only", "expression":
+                       f'resource.name.startsWith("projects/{args.project}/zones/") && '
+                       f'resource.name.extract("/instances/{{name}}").startsWith("rlfleet-{s.stack}-")'},
+            opts=child)
+        source = gcp.storage.BucketObject(
+            f"{name}-stopper-src", bucket=args.bucket_name, name=f"rlfleet/system/stopper-{s.stack}.zip",
+            source=pulumi.AssetArchive({"main.py": pulumi.FileAsset(str(STOPPER_DIR / "main.py")),
+                                        "requirements.txt": pulumi.FileAsset(str(STOPPER_DIR / "requirements.txt"))}),
+            opts=child)
+        gcp.cloudfunctionsv2.Function(
+            f"{name}-stopper", name=f"rlfleet-{s.stack}-stopper", location=args.region,
+            build_config={"runtime": "python312", "entry_point": "stop_idle",
+                          "source": {"storage_source": {"bucket": args.bucket_name, "object": source.name}}},
+            service_config={"max_instance_count": 1, "available_memory": "256M",
+                            "service_account_email": stopper_sa.email, "ingress_settings": "ALLOW_INTERNAL_ONLY",
+                            "environment_variables": {"RLFLEET_STACK": s.stack}},
+            event_trigger={"trigger_region": args.region,
+                           "event_type": "google.cloud.pubsub.topic.v1.messagePublished",
+                           "pubsub_topic": topic.id, "retry_policy": "RETRY_POLICY_DO_NOT_RETRY",
+                           "service_account_email": stopper_sa.email},
+            labels=labels(s.stack), opts=child)
+
+        def policy(suffix: str, title: str, condition: dict, notify: list) -> None:
+            gcp.monitoring.AlertPolicy(f"{name}-{suffix}", display_name=f"rlfleet {s.stack}: {title}", combiner="OR",
+                                       conditions=[{"display_name": title, **condition}],
+                                       notification_channels=notify, user_labels=labels(s.stack),
+                                       alert_strategy={"auto_close": "1800s"}, opts=child)
+
+        def below(metric: str, threshold: float, minutes: int, role: str) -> dict:
+            return {"condition_threshold": {
+                "filter": _vm_filter(s.stack, metric, role), "comparison": "COMPARISON_LT",
+                "threshold_value": threshold, "duration": f"{minutes * 60}s",
+                "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_MAX"}]}}
+
+        policy("gpu-idle-stop", f"GPU idle {s.idle_minutes} min -> stop",
+               below("agent.googleapis.com/gpu/utilization", 5, s.idle_minutes, "worker"), [idle_channel.id])
+        policy("head-idle-stop", f"head idle {2 * s.idle_minutes} min -> stop",
+               below("compute.googleapis.com/instance/cpu/utilization", 0.05, 2 * s.idle_minutes, "head"),
+               [idle_channel.id])
+        policy("unhealthy", "instance unhealthy (no uptime for 10 min)", {"condition_absent": {
+            "filter": _vm_filter(s.stack, "compute.googleapis.com/instance/uptime"), "duration": "600s",
+            "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_RATE"}]}}, channels)
+        policy("disk-full", f"root disk over {s.disk_alarm_percent}%", {"condition_threshold": {
+            "filter": _vm_filter(s.stack, "agent.googleapis.com/disk/percent_used") + USED,
+            "comparison": "COMPARISON_GT", "threshold_value": s.disk_alarm_percent, "duration": "300s",
+            "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_MAX"}]}}, channels)
+
+        dash = gcp.monitoring.Dashboard(f"{name}-dashboard", dashboard_json=dashboard_json(s.stack), opts=child)
+        self.dashboard_url = dash.id.apply(
+            lambda i: f"https://console.cloud.google.com/monitoring/dashboards/custom/{i.rsplit('/', 1)[-1]}"
+            f"?project={args.project}")
+        self.register_outputs({"dashboard_url": self.dashboard_url, "idle_topic": topic.id})
