@@ -51,11 +51,21 @@ def main() -> int:
     token = target.token()
     rows: list[tuple[str, float, float]] = []
     try:
-        rows.append(("CLI `--help`", timed([str(BIN / "rlfleet"), "--help"], env, args.repeat),
-                     timed([str(BIN / "ray"), "--help"], env, args.repeat)))
+        rows.append(
+            (
+                "CLI `--help`",
+                timed([str(BIN / "rlfleet"), "--help"], env, args.repeat),
+                timed([str(BIN / "ray"), "--help"], env, args.repeat),
+            )
+        )
         ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": target.token_source.split(":", 1)[1]}
-        rows.append(("list jobs/runs", timed([str(BIN / "rlfleet"), "runs", "--json"], env, args.repeat),
-                     timed([str(BIN / "ray"), "job", "list", "--address", target.ray_address], ray_env, args.repeat)))
+        rows.append(
+            (
+                "list jobs/runs",
+                timed([str(BIN / "rlfleet"), "runs", "--json"], env, args.repeat),
+                timed([str(BIN / "ray"), "job", "list", "--address", target.ray_address], ray_env, args.repeat),
+            )
+        )
 
         from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -123,7 +133,7 @@ def write_section(name: str, body: str) -> None:
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + f"\n\n## SDK and CLI overhead (bench/bench_sdk.py)\n\n{block}\n"
     path.write_text(text)

@@ -89,7 +89,7 @@ def moto_server() -> Iterator[str]:
 @pytest.fixture
 def moto_reset(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Fresh moto state and AWS env pointing at it; returns the endpoint URL."""
-    req = urllib.request.Request(moto_server + "/moto-api/reset", method="POST")
+    req = urllib.request.Request(moto_server + "/moto-api/reset", method="POST")  # noqa: S310
     urllib.request.urlopen(req, timeout=10)  # noqa: S310 - loopback
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -103,8 +103,7 @@ def moto_reset(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def gcs_emulator() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port),
-         "--in-memory"],
+        [str(VENV_BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

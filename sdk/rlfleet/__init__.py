@@ -28,10 +28,10 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from rlfleet.errors import RlfleetError
-    from rlfleet.runs import Run, RunStatus, get_run, list_runs, submit_run
-    from rlfleet.spec import RunSpec
-    from rlfleet.targets import Target, get_target
+    from rlfleet.errors import RlfleetError  # noqa: F401
+    from rlfleet.runs import Run, RunStatus, get_run, list_runs, submit_run  # noqa: F401
+    from rlfleet.spec import RunSpec  # noqa: F401
+    from rlfleet.targets import Target, get_target  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -145,7 +145,14 @@ class ArtifactStore:
             except (OSError, ConnectionError, TimeoutError, RuntimeError) as err:
                 last = err
             except Exception as err:  # botocore/google errors are not OSError subclasses
-                if type(err).__module__.split(".")[0] not in ("botocore", "aiobotocore", "google", "aiohttp", "gcsfs", "s3fs"):
+                if type(err).__module__.split(".")[0] not in (
+                    "botocore",
+                    "aiobotocore",
+                    "google",
+                    "aiohttp",
+                    "gcsfs",
+                    "s3fs",
+                ):
                     raise
                 last = err
             if attempt < self.retries:
@@ -172,9 +179,7 @@ class ArtifactStore:
                 entries = self.fs.ls(base, detail=True)
             except FileNotFoundError:
                 return []
-            return sorted(
-                posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
-            )
+            return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
 
         return self.retry(f"list {base}", _ls)
 

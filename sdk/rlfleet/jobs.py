@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from rlfleet.errors import AuthError, ClusterUnreachable, RlfleetError, RunNotFound, SpecError
+from rlfleet.errors import AuthError, ClusterUnreachable, ConfigError, RlfleetError, RunNotFound, SpecError
 
 # Ray stores working_dir packages in GCS; the bound is its max gRPC message size (same env var).
 _DEFAULT_MAX_PACKAGE = 512 * 1024 * 1024
@@ -30,9 +30,14 @@ def max_package_bytes() -> int:
 
 
 class JobsClient:
-    def __init__(self, address: str, token: str, *, target_name: str = "?", ca_cert: str | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: str, token: str, *, target_name: str = "?", ca_cert: str | None = None, timeout: float = 30.0
+    ) -> None:
         self.address = address.rstrip("/")
+        if not self.address.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"target {target_name!r}: ray_address must be an http:// or https:// URL, not {address!r}"
+            )
         self._token = token
         self.target_name = target_name
         self.timeout = timeout
@@ -44,13 +49,22 @@ class JobsClient:
         return f"JobsClient({self.address!r}, target={self.target_name!r})"
 
     # -- transport ----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
-                 ok404: bool = False, timeout: float | None = None) -> tuple[int, bytes]:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        json_body: Any = None,
+        ok404: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
         headers = {"Authorization": f"Bearer {self._token}"}
         if json_body is not None:
             body = json.dumps(json_body).encode()
             headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.address + path, data=body, method=method, headers=headers)
+        # only http(s) addresses reach here (checked in __init__)
+        req = urllib.request.Request(self.address + path, data=body, method=method, headers=headers)  # noqa: S310
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self._ctx) as resp:  # noqa: S310
                 return resp.status, resp.read()
@@ -92,8 +106,16 @@ class JobsClient:
     def version(self, timeout: float | None = None) -> dict[str, Any]:
         return self._json("GET", "/api/version", timeout=timeout) or {}
 
-    def submit(self, *, submission_id: str, entrypoint: str, runtime_env: dict[str, Any],
-               metadata: dict[str, str], num_cpus: float, num_gpus: float) -> str:
+    def submit(
+        self,
+        *,
+        submission_id: str,
+        entrypoint: str,
+        runtime_env: dict[str, Any],
+        metadata: dict[str, str],
+        num_cpus: float,
+        num_gpus: float,
+    ) -> str:
         body: dict[str, Any] = {
             "entrypoint": entrypoint,
             "submission_id": submission_id,
@@ -109,7 +131,8 @@ class JobsClient:
         out = self._json("GET", f"/api/jobs/{submission_id}", ok404=True)
         if out is None:
             raise RunNotFound(
-                f"no run {submission_id!r} on target {self.target_name!r} (list runs with 'rlfleet runs --target {self.target_name}')"
+                f"no run {submission_id!r} on target {self.target_name!r} "
+                f"(list runs with 'rlfleet runs --target {self.target_name}')"
             )
         return dict(out)
 

@@ -172,8 +172,9 @@ def _start_holder() -> int:
         cmd.append("--map-root-user")
     cmd += ["sleep", "infinity"]
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
     except FileNotFoundError:
         raise RlfleetError("'unshare' (util-linux) is not installed; it isolates the local Ray head") from None
     deadline = time.monotonic() + 5
@@ -191,8 +192,12 @@ def _start_holder() -> int:
             if os.readlink(f"/proc/{proc.pid}/ns/net") != own:
                 break
         time.sleep(0.02)
-    subprocess.run(_nsenter(proc.pid) + ["ip", "link", "set", "lo", "up"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [*_nsenter(proc.pid), "ip", "link", "set", "lo", "up"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return proc.pid
 
 
@@ -225,7 +230,7 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
         dash, serve = ports[0], ports[1:]
         isolation = _isolation()
         cpus = num_cpus or int(os.environ.get("RLFLEET_LOCAL_CPUS", "0")) or (os.cpu_count() or 1)
-        log = open(state_dir() / "ray-start.log", "w")  # noqa: SIM115 - closed below
+        log = open(state_dir() / "ray-start.log", "w")
         holder = fwd = None
         t0 = time.monotonic()
         try:
@@ -234,26 +239,44 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
                 holder = _start_holder()
                 prefix = _nsenter(holder)
                 fwd_proc = subprocess.Popen(
-                    [sys.executable, "-m", "rlfleet._netns", "--pid", str(holder), "--ports",
-                     ",".join(str(p) for p in ports)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                    [
+                        sys.executable,
+                        "-m",
+                        "rlfleet._netns",
+                        "--pid",
+                        str(holder),
+                        "--ports",
+                        ",".join(str(p) for p in ports),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
                 )
                 fwd = fwd_proc.pid
-            _write_state({"holder_pid": holder, "forwarder_pid": fwd, "dashboard_port": dash,
-                          "serve_ports": serve, "isolation": isolation, "temp_dir": temp_dir,
-                          "num_cpus": cpus, "started_at": time.time()})
+            _write_state(
+                {
+                    "holder_pid": holder,
+                    "forwarder_pid": fwd,
+                    "dashboard_port": dash,
+                    "serve_ports": serve,
+                    "isolation": isolation,
+                    "temp_dir": temp_dir,
+                    "num_cpus": cpus,
+                    "started_at": time.time(),
+                }
+            )
             say(f"starting Ray head (token auth, {'private network namespace' if holder else 'host network'}) ...")
-            cmd = prefix + [
-                _ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1",
+            cmd = [
+                *prefix, _ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={cpus}",
                 f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            ]
-            res = subprocess.run(cmd, env=_ray_env(temp_dir), stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=log, timeout=180)
+            ]  # fmt: skip
+            res = subprocess.run(
+                cmd, env=_ray_env(temp_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=180
+            )
             if res.returncode != 0:
-                raise RlfleetError(
-                    f"'ray start' failed (exit {res.returncode}); see {state_dir() / 'ray-start.log'}"
-                )
+                raise RlfleetError(f"'ray start' failed (exit {res.returncode}); see {state_dir() / 'ray-start.log'}")
             target = local_target()
             deadline = time.monotonic() + 60
             while not _healthy(target, timeout=2):
@@ -295,9 +318,14 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
     if st.get("isolation") == "none" or _alive(holder):
         prefix = _nsenter(holder) if holder and _alive(holder) else []
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run(prefix + [_ray_bin(), "stop", "--force"], env=_ray_env(temp_dir),
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=120)
+            subprocess.run(
+                [*prefix, _ray_bin(), "stop", "--force"],
+                env=_ray_env(temp_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=120,
+            )
     _kill(st.get("forwarder_pid"))
     _kill(holder)
     with contextlib.suppress(FileNotFoundError):
@@ -309,8 +337,11 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
 def local_status() -> dict[str, Any]:
     st = read_state()
     target = local_target()
-    up = bool(st) and _alive(st.get("holder_pid") or 0) and _healthy(target) if st.get("isolation") != "none" \
+    up = (
+        bool(st) and _alive(st.get("holder_pid") or 0) and _healthy(target)
+        if st.get("isolation") != "none"
         else bool(st) and _healthy(target)
+    )
     return {
         "running": bool(up),
         "ray_address": target.ray_address if st else None,

@@ -81,8 +81,9 @@ def run_uri(target: Target, ref: str) -> str:
 class Run:
     """A handle on one run; cheap to create, every method asks the cluster or the store."""
 
-    def __init__(self, run_id: str, target: Target, *, info: dict[str, Any] | None = None,
-                 spec: RunSpec | None = None) -> None:
+    def __init__(
+        self, run_id: str, target: Target, *, info: dict[str, Any] | None = None, spec: RunSpec | None = None
+    ) -> None:
         self.run_id = run_id
         self.target = target
         self._info = info
@@ -149,8 +150,13 @@ class Run:
             "message": job.get("message") or "",
         }
 
-    def wait(self, timeout: float | None = None, *, poll: float = 0.25,
-             on_poll: Callable[[Run, RunStatus], None] | None = None) -> RunStatus:
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        poll: float = 0.25,
+        on_poll: Callable[[Run, RunStatus], None] | None = None,
+    ) -> RunStatus:
         """Block until the run is terminal; a deploy run returns RUNNING as soon as it serves."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll
@@ -179,7 +185,7 @@ class Run:
         try:
             for line in reversed(self.logs().splitlines()):
                 if line.startswith("rlfleet: error:"):
-                    return line[len("rlfleet: error:"):].strip()
+                    return line[len("rlfleet: error:") :].strip()
         except RlfleetError:
             pass
         return self.message() or "no message"
@@ -223,7 +229,8 @@ class Run:
         arts = self.artifacts()
         if not arts.exists("endpoint.json"):
             raise IncompleteRunError(
-                f"deploy run {self.run_id} is not serving yet (no endpoint.json); wait for it with 'rlfleet wait {self.run_id}'"
+                f"deploy run {self.run_id} is not serving yet (no endpoint.json); "
+                f"wait for it with 'rlfleet wait {self.run_id}'"
             )
         ep = json.loads(arts.read_bytes("endpoint.json", allow_incomplete=True))
         return Endpoint(url=ep["url"], path=ep["path"], token=self.target.token())
@@ -278,8 +285,14 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
         META_PREFIX + "gpus": str(spec.resources.gpus),
         META_PREFIX + "submitted_ms": str(int(time.time() * 1000)),
     }
-    client.submit(submission_id=run_id, entrypoint=ENTRYPOINT, runtime_env=runtime_env,
-                  metadata=metadata, num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)
+    client.submit(
+        submission_id=run_id,
+        entrypoint=ENTRYPOINT,
+        runtime_env=runtime_env,
+        metadata=metadata,
+        num_cpus=spec.resources.cpus,
+        num_gpus=spec.resources.gpus,
+    )
     return Run(run_id, tgt, spec=spec)
 
 

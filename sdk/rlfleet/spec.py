@@ -98,18 +98,14 @@ class RunSpec(_Frozen):
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         if v is not None and not _SLUG.match(v):
-            raise ValueError(
-                "must be 1-63 lowercase letters, digits and '-', starting with a letter or digit"
-            )
+            raise ValueError("must be 1-63 lowercase letters, digits and '-', starting with a letter or digit")
         return v
 
     @field_validator("env")
     @classmethod
     def _env(cls, v: str) -> str:
         if not _ENV_ID.match(v):
-            raise ValueError(
-                "is not a Gymnasium env id: use e.g. 'CartPole-v1' or 'my_module:MyEnv-v0'"
-            )
+            raise ValueError("is not a Gymnasium env id: use e.g. 'CartPole-v1' or 'my_module:MyEnv-v0'")
         return v
 
     @field_validator("env_kwargs", "config")
@@ -126,15 +122,12 @@ class RunSpec(_Frozen):
         if self.kind in (Kind.EVAL, Kind.DEPLOY):
             if not self.source:
                 raise ValueError(
-                    f"source: a {self.kind.value} run needs the run to use: "
-                    "give source=<run id> (CLI: --from RUN_ID)"
+                    f"source: a {self.kind.value} run needs the run to use: give source=<run id> (CLI: --from RUN_ID)"
                 )
             if self.resume_from:
                 raise ValueError("resume_from: only train runs can resume")
         elif self.source:
-            raise ValueError(
-                "source: train runs start from scratch; to continue one use resume_from=<run id>"
-            )
+            raise ValueError("source: train runs start from scratch; to continue one use resume_from=<run id>")
         if self.code is not None:
             path = Path(self.code).expanduser()
             if not path.is_dir():

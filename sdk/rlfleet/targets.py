@@ -118,7 +118,7 @@ def resolve_token(source: str, *, target: str = "?") -> str:
             raise AuthError(f"target {target!r}: cannot read secret {ref} from AWS Secrets Manager: {err}") from None
     elif scheme == "gcp-secret":
         try:
-            from google.cloud import secretmanager  # type: ignore[attr-defined]
+            from google.cloud import secretmanager
         except ImportError:
             raise AuthError("gcp-secret token sources need: pip install google-cloud-secret-manager") from None
         try:
@@ -135,6 +135,7 @@ def resolve_token(source: str, *, target: str = "?") -> str:
 
 
 # -- the targets file -------------------------------------------------------------------------
+
 
 def config_path() -> Path:
     local = Path.cwd() / "rlfleet.yaml"
@@ -209,9 +210,7 @@ def get_target(name: str | Target | None = None) -> Target:
 
         return local_target()
     known = ", ".join(sorted({"local", *targets})) or "local"
-    raise TargetNotFound(
-        f"no target named {name!r} (known: {known}); add one with 'rlfleet target add'"
-    )
+    raise TargetNotFound(f"no target named {name!r} (known: {known}); add one with 'rlfleet target add'")
 
 
 def list_targets() -> list[Target]:

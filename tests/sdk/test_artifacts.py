@@ -17,8 +17,9 @@ def _s3_store(endpoint: str) -> ArtifactStore:
 
     bucket = f"art-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return ArtifactStore(f"s3://{bucket}/team-a", storage_options={"client_kwargs": {"endpoint_url": endpoint}},
-                         backoff_s=0.01)
+    return ArtifactStore(
+        f"s3://{bucket}/team-a", storage_options={"client_kwargs": {"endpoint_url": endpoint}}, backoff_s=0.01
+    )
 
 
 def _gs_store(endpoint: str) -> ArtifactStore:
@@ -27,8 +28,9 @@ def _gs_store(endpoint: str) -> ArtifactStore:
 
     bucket = f"art-{uuid.uuid4().hex[:10]}"
     storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(bucket)
-    return ArtifactStore(f"gs://{bucket}/team-a", storage_options={"token": "anon", "endpoint_url": endpoint},
-                         backoff_s=0.01)
+    return ArtifactStore(
+        f"gs://{bucket}/team-a", storage_options={"token": "anon", "endpoint_url": endpoint}, backoff_s=0.01
+    )
 
 
 @pytest.fixture(params=["file", "s3", "gs"])
@@ -108,10 +110,17 @@ def test_unreachable_store_fails_after_retries_and_writes_no_manifest(tmp_path) 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = ArtifactStore("s3://bucket/prefix", retries=3, backoff_s=0.01, storage_options={
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-        "key": "x", "secret": "y", "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
-    })
+    store = ArtifactStore(
+        "s3://bucket/prefix",
+        retries=3,
+        backoff_s=0.01,
+        storage_options={
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+            "key": "x",
+            "secret": "y",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+        },
+    )
     run = store.run("rl-unreachable")
     with pytest.raises(StoreUnavailable) as exc:
         run.write_bytes("spec.json", b"{}")
@@ -139,5 +148,5 @@ def test_transient_failures_are_retried(tmp_path, monkeypatch) -> None:
 
 
 def test_missing_driver_message(monkeypatch) -> None:
-    with pytest.raises(ArtifactError, match="not a usable URI|needs the"):
-        ArtifactStore("nosuchproto://x/y").fs
+    with pytest.raises(ArtifactError, match=r"not a usable URI|needs the"):
+        _ = ArtifactStore("nosuchproto://x/y").fs

@@ -14,8 +14,15 @@ RLFLEET = str(Path(sys.executable).parent / "rlfleet")
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([RLFLEET, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [RLFLEET, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _bad_spec_file(tmp: Path) -> str:
@@ -77,12 +84,19 @@ def test_help_is_cheap_and_lists_commands() -> None:
     for name in ("run", "runs", "status", "logs", "wait", "cancel", "artifacts", "local", "target", "down"):
         assert f"  {name} " in res.stdout
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from rlfleet.cli import main\n"
-         "try: main(['--help'])\nexcept SystemExit: pass\n"
-         "heavy=[m for m in ('torch','ray','pulumi','pulumi_aws','ansible_runner','gymnasium','pydantic') if m in sys.modules]\n"
-         "print(heavy)"],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from rlfleet.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "heavy=('torch','ray','pulumi','pulumi_aws','ansible_runner','gymnasium','pydantic')\n"
+            "heavy=[m for m in heavy if m in sys.modules]\n"
+            "print(heavy)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.stdout.strip().splitlines()[-1] == "[]", probe.stdout
 
 
@@ -91,8 +105,20 @@ def test_unreachable_and_wrong_token_targets(tmp_path: Path) -> None:
     token.write_text("not-the-token")
     token.chmod(0o600)
     env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
-    res = cli("target", "add", "ray", "--name", "dead", "--address", "http://127.0.0.1:9",
-              "--token-file", str(token), "--artifact-root", f"file://{tmp_path}/art", env=env)
+    res = cli(
+        "target",
+        "add",
+        "ray",
+        "--name",
+        "dead",
+        "--address",
+        "http://127.0.0.1:9",
+        "--token-file",
+        str(token),
+        "--artifact-root",
+        f"file://{tmp_path}/art",
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     res = cli("runs", "--target", "dead", env=env)
     assert res.returncode == 3 and "cannot reach the Ray cluster of target 'dead'" in res.stderr

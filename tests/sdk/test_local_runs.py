@@ -34,7 +34,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _http_status(url: str, token: str | None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
             return int(resp.status)
@@ -150,7 +150,9 @@ def _write_env_project(root: Path, *, broken: bool = False) -> Path:
     proj = root / "proj"
     proj.mkdir()
     body = "raise RuntimeError('corridor module is broken on purpose')\n" if broken else ""
-    (proj / "corridor_env.py").write_text(body + textwrap.dedent('''
+    (proj / "corridor_env.py").write_text(
+        body
+        + textwrap.dedent('''
         import gymnasium as gym
         import numpy as np
         from gymnasium import spaces
@@ -178,14 +180,23 @@ def _write_env_project(root: Path, *, broken: bool = False) -> Path:
 
 
         gym.register(id="Corridor-v0", entry_point=Corridor, max_episode_steps=50)
-    '''))
+    ''')
+    )
     return proj
 
 
 def test_custom_env_shipped_with_code(local_cluster, tmp_path) -> None:
     proj = _write_env_project(tmp_path)
-    spec = RunSpec(kind="train", agent="ppo", env="corridor_env:Corridor-v0", env_kwargs={"length": 4},
-                   code=str(proj), budget={"steps": 4096}, seed=1, name="corridor")
+    spec = RunSpec(
+        kind="train",
+        agent="ppo",
+        env="corridor_env:Corridor-v0",
+        env_kwargs={"length": 4},
+        code=str(proj),
+        budget={"steps": 4096},
+        seed=1,
+        name="corridor",
+    )
     run = submit_run(spec)
     assert run.wait(timeout=300) is RunStatus.SUCCEEDED, run.failure_reason()
     files = run.artifacts().verify().files
@@ -195,8 +206,19 @@ def test_custom_env_shipped_with_code(local_cluster, tmp_path) -> None:
 
 def test_failed_run_exits_nonzero_with_reason(local_cluster, tmp_path) -> None:
     proj = _write_env_project(tmp_path, broken=True)
-    res = cli("run", "train", "--agent", "random", "--env", "corridor_env:Corridor-v0", "--code", str(proj),
-              "--steps", "100", "--wait")
+    res = cli(
+        "run",
+        "train",
+        "--agent",
+        "random",
+        "--env",
+        "corridor_env:Corridor-v0",
+        "--code",
+        str(proj),
+        "--steps",
+        "100",
+        "--wait",
+    )
     assert res.returncode == 5, res.stderr
     assert "ended FAILED" in res.stderr and "broken on purpose" in res.stderr
     assert "Traceback" not in res.stderr

@@ -48,9 +48,17 @@ def test_spec_is_immutable() -> None:
 
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
 def test_round_trip(fmt: str, tmp_path) -> None:
-    spec = RunSpec(kind="train", env="CartPole-v1", agent="ppo", seed=7, budget={"steps": 50_000},
-                   env_kwargs={"render_mode": None}, config={"learning_rate": 0.001}, tags={"team": "rl"},
-                   resources={"cpus": 2, "gpus": 0.5})
+    spec = RunSpec(
+        kind="train",
+        env="CartPole-v1",
+        agent="ppo",
+        seed=7,
+        budget={"steps": 50_000},
+        env_kwargs={"render_mode": None},
+        config={"learning_rate": 0.001},
+        tags={"team": "rl"},
+        resources={"cpus": 2, "gpus": 0.5},
+    )
     text = spec.to_yaml() if fmt == "yaml" else spec.to_json()
     back = RunSpec.from_yaml(text) if fmt == "yaml" else RunSpec.from_json(text)
     assert back == spec

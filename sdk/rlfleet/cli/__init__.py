@@ -50,7 +50,7 @@ class LazyGroup(click.Group):
             if err.name and err.name.startswith("rlfleet"):
                 return _unavailable(cmd_name, str(err))
             raise
-        return getattr(mod, attr)  # type: ignore[no-any-return]
+        return getattr(mod, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, help_) for name, (_, help_) in sorted(COMMANDS.items())]

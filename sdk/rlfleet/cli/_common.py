@@ -9,7 +9,11 @@ from typing import Any
 import click
 
 target_option = click.option(
-    "--target", "-t", "target", default=None, metavar="T",
+    "--target",
+    "-t",
+    "target",
+    default=None,
+    metavar="T",
     help="Target name (default: $RLFLEET_TARGET or 'local').",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")

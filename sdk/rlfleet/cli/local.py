@@ -24,7 +24,9 @@ def up(cpus: int | None, as_json: bool) -> None:
     if as_json:
         print_json(st)
     else:
-        click.echo(f"local target up: {st['ray_address']} (token: {st['token_file']}, artifacts: {st['artifact_root']})")
+        click.echo(
+            f"local target up: {st['ray_address']} (token: {st['token_file']}, artifacts: {st['artifact_root']})"
+        )
 
 
 @local_grp.command("down")

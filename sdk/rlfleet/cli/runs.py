@@ -31,7 +31,9 @@ def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 @target_option
 @click.option("--spec", "spec_file", type=click.Path(dir_okay=False), help="Base spec (YAML/JSON); flags override it.")
 @click.option("--env", "env_id", help="Gymnasium env id, e.g. CartPole-v1 or my_mod:MyEnv-v0.")
-@click.option("--env-kwarg", "env_kwargs", multiple=True, metavar="KEY=VALUE", help="Env constructor argument (repeatable).")
+@click.option(
+    "--env-kwarg", "env_kwargs", multiple=True, metavar="KEY=VALUE", help="Env constructor argument (repeatable)."
+)
 @click.option("--agent", type=click.Choice(["ppo", "dqn", "random"]), help="Built-in agent.")
 @click.option("--config", "config_kv", multiple=True, metavar="KEY=VALUE", help="Agent hyperparameter (repeatable).")
 @click.option("--steps", type=int, help="Training budget in env steps.")
@@ -44,12 +46,31 @@ def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 @click.option("--episodes", type=int, help="eval: number of episodes.")
 @click.option("--cpus", type=float, help="CPUs to reserve.")
 @click.option("--gpus", type=float, help="GPUs to reserve.")
-@click.option("--wait", "do_wait", is_flag=True, help="Wait until it ends (deploy: until it serves); exit non-zero if it failed.")
+@click.option(
+    "--wait", "do_wait", is_flag=True, help="Wait until it ends (deploy: until it serves); exit non-zero if it failed."
+)
 @json_option
-def run_cmd(kind: str, target: str | None, spec_file: str | None, env_id: str | None, env_kwargs: tuple[str, ...],
-            agent: str | None, config_kv: tuple[str, ...], steps: int | None, minutes: float | None,
-            seed: int | None, name: str | None, source: str | None, resume_from: str | None, code: str | None,
-            episodes: int | None, cpus: float | None, gpus: float | None, do_wait: bool, as_json: bool) -> None:
+def run_cmd(
+    kind: str,
+    target: str | None,
+    spec_file: str | None,
+    env_id: str | None,
+    env_kwargs: tuple[str, ...],
+    agent: str | None,
+    config_kv: tuple[str, ...],
+    steps: int | None,
+    minutes: float | None,
+    seed: int | None,
+    name: str | None,
+    source: str | None,
+    resume_from: str | None,
+    code: str | None,
+    episodes: int | None,
+    cpus: float | None,
+    gpus: float | None,
+    do_wait: bool,
+    as_json: bool,
+) -> None:
     """Submit a KIND (train | eval | deploy) run."""
     from rlfleet.runs import submit_run
     from rlfleet.spec import RunSpec
@@ -60,15 +81,27 @@ def run_cmd(kind: str, target: str | None, spec_file: str | None, env_id: str | 
         if data.get("kind", kind) != kind:
             raise SpecError(f"--spec {spec_file} describes a {data['kind']} run, but the command says {kind!r}")
     data["kind"] = kind
-    simple = {"env": env_id, "agent": agent, "seed": seed, "name": name, "source": source,
-              "resume_from": resume_from, "code": code}
+    simple = {
+        "env": env_id,
+        "agent": agent,
+        "seed": seed,
+        "name": name,
+        "source": source,
+        "resume_from": resume_from,
+        "code": code,
+    }
     data.update({k: v for k, v in simple.items() if v is not None})
     if env_kwargs:
         data["env_kwargs"] = {**data.get("env_kwargs", {}), **_parse_kv(env_kwargs, "--env-kwarg")}
     if config_kv:
         data["config"] = {**data.get("config", {}), **_parse_kv(config_kv, "--config")}
-    for key, sub, val in (("budget", "steps", steps), ("budget", "minutes", minutes),
-                          ("eval", "episodes", episodes), ("resources", "cpus", cpus), ("resources", "gpus", gpus)):
+    for key, sub, val in (
+        ("budget", "steps", steps),
+        ("budget", "minutes", minutes),
+        ("eval", "episodes", episodes),
+        ("resources", "cpus", cpus),
+        ("resources", "gpus", gpus),
+    ):
         if val is not None:
             data[key] = {**data.get(key, {}), sub: val}
     spec = RunSpec.from_dict(data)
@@ -105,6 +138,7 @@ def _wait_with_progress(run: Any, *, quiet: bool) -> Any:
         return Text(f"{run.run_id}  {st.value:<9} {time.monotonic() - t0:6.1f}s  {line['metrics']}")
 
     with Live(render(run.status()), console=console(stderr=True), refresh_per_second=4, transient=True) as live:
+
         def on_poll(r: Any, st: Any) -> None:
             nonlocal last_metrics_at
             if time.monotonic() - last_metrics_at > 2:
@@ -116,15 +150,31 @@ def _wait_with_progress(run: Any, *, quiet: bool) -> Any:
                 if rows:
                     m = rows[-1]
                     ret = m.get("episode_return_mean")
-                    line["metrics"] = f"step {m.get('step', '?')}" + (f"  return {ret:.1f}" if isinstance(ret, (int, float)) else "")
+                    line["metrics"] = f"step {m.get('step', '?')}" + (
+                        f"  return {ret:.1f}" if isinstance(ret, (int, float)) else ""
+                    )
             live.update(render(st))
 
         return run.wait(on_poll=on_poll)
 
 
 def _print_run(info: dict[str, Any]) -> None:
-    rows = [[k, info.get(k)] for k in ("run_id", "status", "kind", "name", "target", "artifact_uri",
-                                       "submitted_at", "started_at", "ended_at", "wall_time_s", "gpu_hours")]
+    rows = [
+        [k, info.get(k)]
+        for k in (
+            "run_id",
+            "status",
+            "kind",
+            "name",
+            "target",
+            "artifact_uri",
+            "submitted_at",
+            "started_at",
+            "ended_at",
+            "wall_time_s",
+            "gpu_hours",
+        )
+    ]
     if info.get("message") and info.get("status") in ("FAILED", "CANCELLED"):
         rows.append(["message", info["message"]])
     table(["field", "value"], rows)
@@ -153,9 +203,14 @@ def runs_cmd(target: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         print_json(infos)
         return
-    table(["run_id", "kind", "name", "status", "submitted", "wall s", "GPU-h"],
-          [[i["run_id"], i["kind"], i["name"], i["status"], i["submitted_at"], i["wall_time_s"], i["gpu_hours"]]
-           for i in infos], title=f"runs on {tgt.name}")
+    table(
+        ["run_id", "kind", "name", "status", "submitted", "wall s", "GPU-h"],
+        [
+            [i["run_id"], i["kind"], i["name"], i["status"], i["submitted_at"], i["wall_time_s"], i["gpu_hours"]]
+            for i in infos
+        ],
+        title=f"runs on {tgt.name}",
+    )
 
 
 @click.command("status")
@@ -201,7 +256,13 @@ def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bo
 
     run = get_run(run_id, target)
     try:
-        status = run.wait(timeout) if as_json else _wait_with_progress(run, quiet=False) if timeout is None else run.wait(timeout)
+        status = (
+            run.wait(timeout)
+            if as_json
+            else _wait_with_progress(run, quiet=False)
+            if timeout is None
+            else run.wait(timeout)
+        )
     except TimeoutError as err:
         raise RlfleetError(str(err)) from None
     if as_json:
@@ -225,7 +286,9 @@ def cancel_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"run_id": run_id, "stopped": stopped, "status": run.status().value})
     else:
-        click.echo(f"{run_id}: {'cancelled' if stopped else 'already ' + run.status().value.lower() + ', nothing to do'}")
+        click.echo(
+            f"{run_id}: {'cancelled' if stopped else 'already ' + run.status().value.lower() + ', nothing to do'}"
+        )
 
 
 @click.command("artifacts")
@@ -250,15 +313,24 @@ def artifacts_cmd(run_id: str, target: str | None, as_json: bool) -> None:
         "uri": arts.uri,
         "complete": complete,
         "verified": manifest is not None,
-        "files": [{"path": f, "size": manifest.files[f].size if manifest and f in manifest.files else None,
-                   "sha256": manifest.files[f].sha256 if manifest and f in manifest.files else None} for f in files],
+        "files": [
+            {
+                "path": f,
+                "size": manifest.files[f].size if manifest and f in manifest.files else None,
+                "sha256": manifest.files[f].sha256 if manifest and f in manifest.files else None,
+            }
+            for f in files
+        ],
         "extra": manifest.extra if manifest else {},
     }
     if as_json:
         print_json(doc)
         return
-    table(["path", "bytes", "sha256"], [[f["path"], f["size"], (f["sha256"] or "")[:16]] for f in doc["files"]],
-          title=f"{arts.uri}  ({'complete, verified' if complete else 'INCOMPLETE: no manifest.json'})")
+    table(
+        ["path", "bytes", "sha256"],
+        [[f["path"], f["size"], (f["sha256"] or "")[:16]] for f in doc["files"]],
+        title=f"{arts.uri}  ({'complete, verified' if complete else 'INCOMPLETE: no manifest.json'})",
+    )
 
 
 @click.command("endpoint")

@@ -24,9 +24,11 @@ def list_cmd(as_json: bool) -> None:
     if as_json:
         print_json([t.model_dump(mode="json") for t in targets])
         return
-    table(["name", "kind", "ray_address", "artifact_root", "provisioner"],
-          [[t.name, t.kind, t.ray_address, t.artifact_root, t.provisioner.get("type", "")] for t in targets],
-          title=f"targets ({config_path()})")
+    table(
+        ["name", "kind", "ray_address", "artifact_root", "provisioner"],
+        [[t.name, t.kind, t.ray_address, t.artifact_root, t.provisioner.get("type", "")] for t in targets],
+        title=f"targets ({config_path()})",
+    )
 
 
 @target_grp.command("show")
@@ -47,8 +49,11 @@ def show_cmd(name: str, as_json: bool) -> None:
 @click.argument("kind", type=click.Choice(["aws", "gcp", "onprem", "ray"]))
 @click.option("--name", help="Target name (default: the kind).")
 @click.option("--stack", help="aws/gcp: <Pulumi project dir>/<stack name>.")
-@click.option("--outputs-file", type=click.Path(exists=True, dir_okay=False),
-              help="aws/gcp: saved 'pulumi stack output --json --show-secrets'.")
+@click.option(
+    "--outputs-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="aws/gcp: saved 'pulumi stack output --json --show-secrets'.",
+)
 @click.option("--inventory", type=click.Path(exists=True), help="onprem: Ansible inventory (dir or file).")
 @click.option("--address", help="ray: the Ray dashboard / Jobs API URL.")
 @click.option("--token-file", type=click.Path(), help="ray/onprem: file holding the Ray token (mode 0600).")
@@ -56,28 +61,56 @@ def show_cmd(name: str, as_json: bool) -> None:
 @click.option("--client-artifact-root", help="The same root as this machine reaches it, if different.")
 @click.option("--ca-cert", type=click.Path(), help="PEM CA that signed the head's TLS certificate.")
 @json_option
-def add_cmd(kind: str, name: str | None, stack: str | None, outputs_file: str | None, inventory: str | None,
-            address: str | None, token_file: str | None, artifact_root: str | None,
-            client_artifact_root: str | None, ca_cert: str | None, as_json: bool) -> None:
+def add_cmd(
+    kind: str,
+    name: str | None,
+    stack: str | None,
+    outputs_file: str | None,
+    inventory: str | None,
+    address: str | None,
+    token_file: str | None,
+    artifact_root: str | None,
+    client_artifact_root: str | None,
+    ca_cert: str | None,
+    as_json: bool,
+) -> None:
     """Add (or update) a target of KIND from a Pulumi stack, an inventory, or by hand."""
     from rlfleet.errors import ConfigError
     from rlfleet.targets import Target, save_target
 
     name = name or kind
     if kind == "ray":
-        missing = [f for f, v in (("--address", address), ("--token-file", token_file),
-                                  ("--artifact-root", artifact_root)) if not v]
+        missing = [
+            f
+            for f, v in (("--address", address), ("--token-file", token_file), ("--artifact-root", artifact_root))
+            if not v
+        ]
         if missing:
             raise ConfigError(f"'target add ray' needs {', '.join(missing)}")
-        target = Target(name=name, kind="ray", ray_address=str(address), token_source=f"file:{token_file}",
-                        artifact_root=str(artifact_root), client_artifact_root=client_artifact_root, ca_cert=ca_cert)
+        target = Target(
+            name=name,
+            kind="ray",
+            ray_address=str(address),
+            token_source=f"file:{token_file}",
+            artifact_root=str(artifact_root),
+            client_artifact_root=client_artifact_root,
+            ca_cert=ca_cert,
+        )
     else:
         from rlfleet import provisioners
 
-        options: dict[str, Any] = {k: v for k, v in {
-            "stack": stack, "outputs_file": outputs_file, "inventory": inventory, "token_file": token_file,
-            "client_artifact_root": client_artifact_root, "ca_cert": ca_cert,
-        }.items() if v is not None}
+        options: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "stack": stack,
+                "outputs_file": outputs_file,
+                "inventory": inventory,
+                "token_file": token_file,
+                "client_artifact_root": client_artifact_root,
+                "ca_cert": ca_cert,
+            }.items()
+            if v is not None
+        }
         target = provisioners.for_kind(kind).target_from(name, kind=kind, **options)
     path = save_target(target)
     if as_json:

@@ -39,7 +39,9 @@ def plan_destroy(target: Target, *, delete_data: bool) -> list[str]:
     plan = []
     st = read_state()
     if st:
-        plan.append(f"stop the local Ray head ({target.ray_address}, pids {st.get('holder_pid')}, {st.get('forwarder_pid')})")
+        plan.append(
+            f"stop the local Ray head ({target.ray_address}, pids {st.get('holder_pid')}, {st.get('forwarder_pid')})"
+        )
     if delete_data and (rlfleet_home() / "runs").exists():
         plan.append(f"delete {rlfleet_home() / 'runs'}")
     return plan
