@@ -66,13 +66,16 @@ class ClusterStorage(pulumi.ComponentResource):
         super().__init__("rlfleet:aws:ClusterStorage", name, None, opts)
         s = args.settings
         child = pulumi.ResourceOptions(parent=self)
+        # Data outlives the stack: `pulumi destroy` leaves the bucket and the key that encrypts
+        # it (delete them deliberately; see docs/runbook-aws.md).
+        keep = pulumi.ResourceOptions(parent=self, retain_on_delete=True)
         key = aws.kms.Key(f"{name}-key", description=f"rlfleet {s.stack}: artifacts, disks, secret, logs",
                           enable_key_rotation=True, deletion_window_in_days=30,
-                          policy=key_policy(args.account_id, args.region), tags=tags(s.stack, "key"), opts=child)
+                          policy=key_policy(args.account_id, args.region), tags=tags(s.stack, "key"), opts=keep)
         aws.kms.Alias(f"{name}-key-alias", name=f"alias/rlfleet-{s.stack}", target_key_id=key.key_id, opts=child)
 
         bucket = aws.s3.Bucket(f"{name}-artifacts", bucket_prefix=f"rlfleet-{s.stack}-"[:37],
-                               force_destroy=False, tags=tags(s.stack, "artifacts"), opts=child)
+                               force_destroy=False, tags=tags(s.stack, "artifacts"), opts=keep)
         aws.s3.BucketPublicAccessBlock(f"{name}-artifacts-pab", bucket=bucket.id, block_public_acls=True,
                                        block_public_policy=True, ignore_public_acls=True,
                                        restrict_public_buckets=True, opts=child)

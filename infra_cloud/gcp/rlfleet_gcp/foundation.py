@@ -113,7 +113,9 @@ class ClusterStorage(pulumi.ComponentResource):
                  "condition": {"age": s.checkpoint_archive_days, "matches_prefixes": [f"{ARTIFACT_PREFIX}/runs/"]}},
                 {"action": {"type": "AbortIncompleteMultipartUpload"}, "condition": {"age": 7}},
             ],
-            labels=labels(s.stack), opts=pulumi.ResourceOptions(parent=self, depends_on=grants))
+            labels=labels(s.stack),
+            # data outlives the stack: `pulumi destroy` leaves the bucket (see docs/runbook-gcp.md)
+            opts=pulumi.ResourceOptions(parent=self, depends_on=grants, retain_on_delete=True))
         token = random.RandomPassword(f"{name}-ray-token", length=48, special=False, opts=child)
         secret = gcp.secretmanager.Secret(f"{name}-ray-token", secret_id=f"rlfleet-{s.stack}-ray-token",
                                           replication={"auto": {}}, labels=labels(s.stack), opts=child)
