@@ -22,6 +22,7 @@ for p in (ROOT / "infra_cloud" / "shared", ROOT / "infra_cloud" / "aws", ROOT / 
 ACCOUNT = "123456789012"
 GCP_PROJECT = "rlfleet-test"
 GCP_PROJECT_NUMBER = "424242424242"
+SECRET_SIG = "4dabf18193072939515e22adb298388d"  # Pulumi's marker for a secret value
 
 
 @dataclass
