@@ -1,0 +1,155 @@
+"""Small torch networks: observation normalizer, PPO actor/critic, DQN Q-network, and the
+deterministic "exportable" policy modules that go to ONNX."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlfleet_agents.envs import SpaceInfo
+
+
+class ObsNormalizer(nn.Module):
+    """Running mean/variance (Welford over batches); part of every policy module, so the
+    exported ONNX graph normalizes exactly like training did. Identity when disabled."""
+
+    def __init__(self, shape: int, enabled: bool, clip: float = 10.0) -> None:
+        super().__init__()
+        self.enabled = enabled
+        self.clip = clip
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float32))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        x = x.reshape(-1, self.mean.shape[0]).to(torch.float64)
+        b_mean, b_var, b_n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        mean, var, n = self.mean.double(), self.var.double(), self.count
+        delta = b_mean - mean
+        tot = n + b_n
+        new_mean = mean + delta * b_n / tot
+        m2 = var * n + b_var * b_n + delta.pow(2) * n * b_n / tot
+        self.mean.copy_(new_mean.float())
+        self.var.copy_((m2 / tot).float())
+        self.count.fill_(float(tot))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return torch.clamp((x - self.mean) / torch.sqrt(self.var + 1e-8), -self.clip, self.clip)
+
+
+def mlp(sizes: list[int], act: type[nn.Module], out_gain: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        lin = nn.Linear(sizes[i], sizes[i + 1])
+        last = i == len(sizes) - 2
+        nn.init.orthogonal_(lin.weight, out_gain if last else math.sqrt(2))
+        nn.init.zeros_(lin.bias)
+        layers.append(lin)
+        if not last:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic MLPs (tanh), CleanRL-style initialization."""
+
+    def __init__(self, info: SpaceInfo, hidden: list[int], normalize_obs: bool, init_log_std: float = 0.0):
+        super().__init__()
+        self.discrete = info.action_kind == "discrete"
+        d = info.obs_dim
+        self.norm = ObsNormalizer(d, normalize_obs)
+        self.critic = mlp([d, *hidden, 1], nn.Tanh, 1.0)
+        self.actor = mlp([d, *hidden, info.n_actions], nn.Tanh, 0.01)
+        if not self.discrete:
+            self.log_std = nn.Parameter(torch.full((info.n_actions,), float(init_log_std)))
+            self.register_buffer("act_low", torch.tensor(info.action_low, dtype=torch.float32))
+            self.register_buffer("act_high", torch.tensor(info.action_high, dtype=torch.float32))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.norm(obs)).squeeze(-1)
+
+    def heads(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actor output: logits or Gaussian mean, value)."""
+        x = self.norm(obs)
+        return self.actor(x), self.critic(x).squeeze(-1)
+
+    # Hand-written distributions: torch.distributions is a large share of a small PPO's
+    # rollout time (measured; see ../shared/notes/components.md).
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, value = self.heads(obs)
+        if self.discrete:
+            logp_all = torch.log_softmax(out, -1)
+            u = torch.rand_like(logp_all).clamp_(1e-10, 1.0)
+            action = torch.argmax(logp_all - torch.log(-torch.log(u)), -1)  # Gumbel-max
+            logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        else:
+            std = self.log_std.exp()
+            action = out + std * torch.randn_like(out)
+            logp = _normal_logp(action, out, self.log_std)
+        return action, logp, value
+
+    def evaluate_actions(
+        self, obs: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, value = self.heads(obs)
+        if self.discrete:
+            logp_all = torch.log_softmax(out, -1)
+            logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            logp = _normal_logp(actions, out, self.log_std)
+            entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(obs.shape[0])
+        return logp, entropy, value
+
+
+def _normal_logp(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return (-((x - mean) ** 2) / (2 * torch.exp(2 * log_std)) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class QNetwork(nn.Module):
+    def __init__(self, info: SpaceInfo, hidden: list[int], normalize_obs: bool):
+        super().__init__()
+        d = info.obs_dim
+        self.norm = ObsNormalizer(d, normalize_obs)
+        self.q = mlp([d, *hidden, info.n_actions], nn.ReLU, 1.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.q(self.norm(obs))
+
+
+class DeterministicPolicy(nn.Module):
+    """What is exported: obs -> (action, raw output). Discrete: argmax of logits/Q-values;
+    continuous: the Gaussian mean clipped to the action bounds."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.model, QNetwork):
+            out = self.model(obs)
+        else:
+            out = self.model.actor(self.model.norm(obs))
+        if self.kind == "discrete":
+            return torch.argmax(out, dim=-1), out
+        return torch.max(torch.min(out, self.model.act_high), self.model.act_low), out
+
+
+def torch_act_fn(policy: DeterministicPolicy, device: torch.device):
+    """numpy obs -> numpy actions, for evaluation during training."""
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        a, _ = policy(torch.as_tensor(obs, dtype=torch.float32, device=device).reshape(obs.shape[0], -1))
+        return a.cpu().numpy()
+
+    return act

@@ -1,0 +1,205 @@
+"""PPO (clipped surrogate, GAE), discrete or Box actions. Reads top to bottom like CleanRL's
+ppo.py, split into ``collect_rollout`` -> ``compute_advantages`` -> ``update`` so the runner can
+checkpoint, evaluate and stop between iterations (see trainer.py).
+
+NEXT_STEP autoreset (envs.py): the step after an episode ends is dropped from the batch; the
+episode's last transition bootstraps from the true final observation when it was truncated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlfleet_agents.configs import PPOConfig
+from rlfleet_agents.envs import EpisodeTracker, make_vec_env, vec_space_info
+from rlfleet_agents.networks import ActorCritic, DeterministicPolicy
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (training only)."""
+
+    def __init__(self, num_envs: int, gamma: float) -> None:
+        self.gamma = gamma
+        self.ret = np.zeros(num_envs)
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.ret = self.ret * self.gamma + rewards
+        b_mean, b_var, n = float(self.ret.mean()), float(self.ret.var()), len(self.ret)
+        delta, tot = b_mean - self.mean, self.count + n
+        self.mean += delta * n / tot
+        self.var = (self.var * self.count + b_var * n + delta**2 * self.count * n / tot) / tot
+        self.count = tot
+        self.ret[dones] = 0.0
+        return np.clip(rewards / np.sqrt(self.var + 1e-8), -10, 10)
+
+    def state(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load(self, s: dict[str, Any]) -> None:
+        self.mean, self.var, self.count = s["mean"], s["var"], s["count"]
+
+
+class PPO:
+    algo = "ppo"
+
+    def __init__(self, cfg: PPOConfig, env_id: str, env_kwargs: dict[str, Any] | None, seed: int,
+                 total_steps: int, device: torch.device) -> None:
+        self.cfg, self.env_id, self.seed, self.device = cfg, env_id, seed, device
+        self.total_steps = total_steps
+        torch.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.envs = make_vec_env(env_id, cfg.num_envs, env_kwargs, mode=cfg.vectorization)
+        self.info = vec_space_info(self.envs, env_id)
+        self.model = ActorCritic(self.info, cfg.hidden_sizes, cfg.normalize_obs, cfg.init_log_std).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.obs, _ = self.envs.reset(seed=seed)
+        self.tracker = EpisodeTracker(cfg.num_envs)
+        self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.normalize_reward else None
+        self.global_step = 0
+        self.iteration = 0
+        if self.info.action_kind == "box":
+            self._low = np.asarray(self.info.action_low, dtype=np.float32)
+            self._high = np.asarray(self.info.action_high, dtype=np.float32)
+
+    # -- one iteration ----------------------------------------------------------------------
+    def train_iteration(self) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.anneal_lr:
+            frac = max(0.0, 1.0 - self.global_step / max(1, self.total_steps))
+            self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
+        batch = self.collect_rollout()
+        advantages, returns = self.compute_advantages(batch)
+        stats = self.update(batch, advantages, returns)
+        self.model.norm.update(torch.as_tensor(batch["obs"][batch["valid"]], device=self.device))
+        self.iteration += 1
+        stats["learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
+        return stats
+
+    def collect_rollout(self) -> dict[str, np.ndarray]:
+        T, N = self.cfg.num_steps, self.cfg.num_envs
+        obs_buf = np.zeros((T, N, *self.info.obs_shape), dtype=np.float32)
+        act_shape: tuple[int, ...] = (T, N) if self.info.action_kind == "discrete" else (T, N, self.info.n_actions)
+        act_buf = np.zeros(act_shape, dtype=np.int64 if self.info.action_kind == "discrete" else np.float32)
+        logp_buf = np.zeros((T, N), dtype=np.float32)
+        val_buf = np.zeros((T, N), dtype=np.float32)
+        rew_buf = np.zeros((T, N), dtype=np.float32)
+        term_buf = np.zeros((T, N), dtype=np.float32)
+        done_buf = np.zeros((T, N), dtype=np.float32)
+        valid_buf = np.zeros((T, N), dtype=bool)
+        model = self.model
+        for t in range(T):
+            obs_buf[t] = self.obs
+            with torch.no_grad():
+                action, logp, value = model.sample(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device))
+            a = action.cpu().numpy()
+            env_a = np.clip(a, self._low, self._high) if self.info.action_kind == "box" else a
+            self.obs, reward, term, trunc, _ = self.envs.step(env_a)
+            valid = self.tracker.step(reward, term, trunc)
+            done = (term | trunc) & valid
+            if self.reward_scaler is not None:
+                reward = self.reward_scaler(reward, done)
+            act_buf[t], logp_buf[t], val_buf[t] = a, logp.cpu().numpy(), value.cpu().numpy()
+            rew_buf[t], term_buf[t], done_buf[t], valid_buf[t] = reward, term & valid, done, valid
+        self.global_step += int(valid_buf.sum())
+        with torch.no_grad():
+            next_value = model.value(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)).cpu().numpy()
+        return {"obs": obs_buf, "actions": act_buf, "logp": logp_buf, "values": val_buf,
+                "rewards": rew_buf, "terms": term_buf, "dones": done_buf, "valid": valid_buf,
+                "next_value": next_value}
+
+    def compute_advantages(self, b: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        T = cfg.num_steps
+        adv = np.zeros_like(b["rewards"])
+        last = np.zeros(cfg.num_envs, dtype=np.float32)
+        for t in reversed(range(T)):
+            next_values = b["next_value"] if t == T - 1 else b["values"][t + 1]
+            delta = b["rewards"][t] + cfg.gamma * next_values * (1.0 - b["terms"][t]) - b["values"][t]
+            last = delta + cfg.gamma * cfg.gae_lambda * (1.0 - b["dones"][t]) * last
+            adv[t] = last
+        return adv, adv + b["values"]
+
+    def update(self, b: dict[str, np.ndarray], advantages: np.ndarray, returns: np.ndarray) -> dict[str, float]:
+        cfg, dev = self.cfg, self.device
+        valid = b["valid"]
+        obs = torch.as_tensor(b["obs"][valid], device=dev)
+        actions = torch.as_tensor(b["actions"][valid], device=dev)
+        old_logp = torch.as_tensor(b["logp"][valid], device=dev)
+        old_values = torch.as_tensor(b["values"][valid], device=dev)
+        adv_all = torch.as_tensor(advantages[valid], device=dev)
+        ret_all = torch.as_tensor(returns[valid], device=dev)
+        n = obs.shape[0]
+        mb = max(1, n // cfg.num_minibatches)
+        pg_l = v_l = ent_l = kl = clipfrac = 0.0
+        updates = 0
+        for _ in range(cfg.update_epochs):
+            perm = torch.randperm(n, device=dev)
+            for start in range(0, n - mb + 1, mb):
+                idx = perm[start : start + mb]
+                logp, entropy, value = self.model.evaluate_actions(obs[idx], actions[idx])
+                log_ratio = logp - old_logp[idx]
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clipfrac += ((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item()
+                adv = adv_all[idx]
+                if cfg.norm_adv and adv.numel() > 1:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+                if cfg.clip_vloss:
+                    v_clipped = old_values[idx] + (value - old_values[idx]).clamp(-cfg.clip_coef, cfg.clip_coef)
+                    v_loss = 0.5 * torch.max((value - ret_all[idx]) ** 2, (v_clipped - ret_all[idx]) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((value - ret_all[idx]) ** 2).mean()
+                ent = entropy.mean()
+                loss = pg_loss - cfg.ent_coef * ent + cfg.vf_coef * v_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                pg_l += pg_loss.item()
+                v_l += v_loss.item()
+                ent_l += ent.item()
+                kl = approx_kl.item()
+                updates += 1
+            if cfg.target_kl is not None and kl > cfg.target_kl:
+                break
+        u = max(1, updates)
+        return {"loss_policy": pg_l / u, "loss_value": v_l / u, "entropy": ent_l / u,
+                "approx_kl": kl, "clip_fraction": clipfrac / u}
+
+    # -- policy, checkpoint -----------------------------------------------------------------
+    def policy(self) -> DeterministicPolicy:
+        return DeterministicPolicy(self.model, self.info.action_kind)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "reward_scaler": self.reward_scaler.state() if self.reward_scaler else None,
+            "torch_rng": torch.get_rng_state(),
+            "np_rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.global_step = int(s["global_step"])
+        self.iteration = int(s["iteration"])
+        if self.reward_scaler is not None and s.get("reward_scaler"):
+            self.reward_scaler.load(s["reward_scaler"])
+        torch.set_rng_state(s["torch_rng"])
+        self.rng.bit_generator.state = s["np_rng"]
+        # The env state is not in the checkpoint: start fresh episodes on new seeds.
+        self.obs, _ = self.envs.reset(seed=self.seed + 7919 * (1 + self.iteration))
+        self.tracker = EpisodeTracker(self.cfg.num_envs)
+
+    def close(self) -> None:
+        self.envs.close()

@@ -1,0 +1,389 @@
+"""Entry point of every run on a target: ``python -m rlfleet_agents.run [SPEC_FILE]``.
+
+Environment contract (set by the SDK through Ray's runtime_env; never secrets):
+  RLFLEET_RUN_ID            the run id
+  RLFLEET_ARTIFACT_ROOT     fsspec URI of the artifact root as the cluster sees it
+  RLFLEET_STORAGE_OPTIONS   JSON fsspec options (optional)
+  RLFLEET_SPEC              the RunSpec as JSON (or give a spec file as the argument)
+  RLFLEET_TARGET            target name (a metrics label)
+  RLFLEET_SOURCE_URI        eval/deploy: <root>/runs/<id> of the run to use
+  RLFLEET_RESUME_URI        train with resume_from: <root>/runs/<id> to continue from
+  RLFLEET_SERVE_PORTS       deploy: comma list of ports the server may bind (optional)
+  RLFLEET_SERVE_TOKEN_FILE  deploy: bearer token file (else RAY_AUTH_TOKEN_PATH)
+  RLFLEET_METRICS_LINGER_S  keep the process alive this long after the last metrics (scrapes)
+
+Artifacts: spec.json first; metrics.jsonl while running; checkpoints/; policy.onnx (+ policy.pt);
+eval.json (eval); endpoint.json (deploy); manifest.json last, only on success.
+On error: one line on stderr, a non-zero exit code, no manifest.
+
+The 'random' agent path imports no torch, so short runs start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlfleet.artifacts import RunArtifacts, open_run
+from rlfleet.errors import IncompleteRunError, RlfleetError
+from rlfleet.spec import Kind, RunSpec
+
+EXIT_ERROR = 1
+EXIT_TERMINATED = 143
+
+
+class RunError(Exception):
+    """A failure with a message meant for the user."""
+
+
+@dataclass
+class RunContext:
+    run_id: str
+    root: str
+    storage_options: dict[str, Any]
+    spec: RunSpec
+    target: str
+    source_uri: str | None = None
+    resume_uri: str | None = None
+    serve_ports: list[int] = field(default_factory=list)
+    arts: RunArtifacts | None = None
+    stop_requested: bool = False
+
+    @classmethod
+    def from_env(cls, argv: list[str]) -> RunContext:
+        env = os.environ
+        missing = [k for k in ("RLFLEET_RUN_ID", "RLFLEET_ARTIFACT_ROOT") if not env.get(k)]
+        if argv:
+            spec = RunSpec.from_file(argv[0])
+        elif env.get("RLFLEET_SPEC"):
+            spec = RunSpec.from_json(env["RLFLEET_SPEC"])
+        else:
+            missing.append("RLFLEET_SPEC (or a spec file argument)")
+        if missing:
+            raise RunError(f"missing environment: {', '.join(missing)}; runs are started by rlfleet's submit_run()")
+        try:
+            opts = json.loads(env.get("RLFLEET_STORAGE_OPTIONS") or "{}")
+        except json.JSONDecodeError as err:
+            raise RunError(f"RLFLEET_STORAGE_OPTIONS is not valid JSON: {err}") from None
+        try:
+            ports = [int(p) for p in (env.get("RLFLEET_SERVE_PORTS") or "").split(",") if p.strip()]
+        except ValueError:
+            raise RunError("RLFLEET_SERVE_PORTS must be a comma-separated list of port numbers") from None
+        return cls(run_id=env["RLFLEET_RUN_ID"], root=env["RLFLEET_ARTIFACT_ROOT"], storage_options=opts,
+                   spec=spec, target=env.get("RLFLEET_TARGET", "local"),
+                   source_uri=env.get("RLFLEET_SOURCE_URI") or None,
+                   resume_uri=env.get("RLFLEET_RESUME_URI") or None, serve_ports=ports)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "kind": self.spec.kind.value, "env": self.spec.env, "target": self.target}
+
+    def open_other(self, uri: str) -> RunArtifacts:
+        return open_run(uri, storage_options=self.storage_options)
+
+
+def _device_label() -> str:
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda ({torch.cuda.get_device_name(0)})"
+    return "cpu"
+
+
+def _common_extra(ctx: RunContext, start: float) -> dict[str, Any]:
+    wall = time.monotonic() - start
+    return {"kind": ctx.spec.kind.value, "agent": ctx.spec.agent, "env": ctx.spec.env,
+            "wall_time_s": round(wall, 3), "gpu_hours": round(ctx.spec.resources.gpus * wall / 3600, 6),
+            "target": ctx.target}
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def run_train(ctx: RunContext, start: float) -> int:
+    from rlfleet_agents.metrics import MetricsWriter
+
+    spec, arts = ctx.spec, ctx.arts
+    assert arts is not None
+    writer = MetricsWriter(arts, ctx.labels)
+    if spec.agent == "random":
+        from rlfleet_agents.random_agent import run_random
+
+        summary = run_random(spec.env, spec.env_kwargs, spec.seed, spec.budget.steps, spec.budget.minutes,
+                             writer.write, lambda: ctx.stop_requested)
+        writer.close()
+        if ctx.stop_requested:
+            return EXIT_TERMINATED
+        arts.write_json("eval.json", {**summary, "policy": "random", "policy_sha256": None,
+                                      "env": spec.env, "seed": spec.seed})
+        extra = {**_common_extra(ctx, start), "env_steps": summary["env_steps"], "device": "cpu",
+                 "final_eval": {k: summary[k] for k in ("episodes", "mean", "std", "min", "max")}}
+        arts.commit(extra=extra)
+        return 0
+
+    import numpy as np
+
+    from rlfleet_agents.checkpoint import load_latest, save_checkpoint
+    from rlfleet_agents.evaluate import evaluate
+    from rlfleet_agents.export import check_parity, export_onnx, sample_observations, sha256
+    from rlfleet_agents.policy import OnnxPolicy
+    from rlfleet_agents.trainer import make_algorithm, train
+
+    algo = make_algorithm(spec.agent, spec.env, spec.env_kwargs, spec.seed, spec.config,
+                          spec.budget.steps, spec.resources.gpus)
+    resumed_from = None
+    if ctx.resume_uri:
+        src = ctx.open_other(ctx.resume_uri)
+        state = load_latest(src)
+        if state.get("meta", {}).get("agent") not in (None, spec.agent):
+            raise RunError(f"resume_from: run {src.run_id} trained agent {state['meta']['agent']!r}, "
+                           f"not {spec.agent!r}")
+        algo.load_state_dict(state)
+        resumed_from = {"run_id": src.run_id, "step": algo.global_step}
+        print(f"resuming from run {src.run_id} at step {algo.global_step}", flush=True)
+    writer.set_start_step(algo.global_step)
+    ckpt_meta = {"agent": spec.agent, "env": spec.env, "run_id": ctx.run_id}
+
+    def on_checkpoint(a: Any) -> None:
+        save_checkpoint(arts, a, ckpt_meta)
+
+    try:
+        res = train(algo, total_steps=algo.total_steps, minutes=spec.budget.minutes, env_kwargs=spec.env_kwargs,
+                    on_row=writer.write, on_checkpoint=on_checkpoint, should_stop=lambda: ctx.stop_requested)
+        save_checkpoint(arts, algo, ckpt_meta)
+        if res.stopped_by == "signal":
+            writer.close()
+            print(f"stopped at step {algo.global_step}; checkpoint saved for resume_from", file=sys.stderr)
+            return EXIT_TERMINATED
+        # export the policy the run reports (best in-training evaluation, else the last)
+        policy = res.policy
+        assert policy is not None
+        meta = {"env": spec.env, "agent": spec.agent, "run_id": ctx.run_id, "step": res.best_step or res.global_step}
+        onnx_bytes = export_onnx(policy, algo.info, meta)
+        real_obs = np.asarray(algo.obs, dtype=np.float32)
+        parity = check_parity(policy, onnx_bytes, sample_observations(algo.info, 512, spec.seed, real_obs))
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({"model": policy.model.state_dict(), "kind": policy.kind, "spaces": algo.info.to_dict(),
+                    "agent": spec.agent, "config": _config_dict(algo.cfg)}, buf)
+        arts.write_bytes("policy.pt", buf.getvalue())
+        arts.write_bytes("policy.onnx", onnx_bytes)
+        ort_policy = OnnxPolicy(onnx_bytes)
+        final = evaluate(ort_policy.act, spec.env, algo.cfg.eval_episodes, seed=spec.seed + 99_991,
+                         env_kwargs=spec.env_kwargs)
+        writer.close()
+        extra = {
+            **_common_extra(ctx, start),
+            "env_steps": res.global_step,
+            "device": str(algo.device) if str(algo.device) == "cpu" else _device_label(),
+            "train_wall_time_s": round(res.wall_time_s, 3),
+            "eval_time_s": round(res.eval_time_s, 3),
+            "stopped_by": res.stopped_by,
+            "policy_sha256": sha256(onnx_bytes),
+            "policy_step": meta["step"],
+            "parity": parity,
+            "final_eval": {k: final[k] for k in ("episodes", "mean", "std", "min", "max")},
+            "evals": res.evals,
+            "solved_step": res.solved_step,
+            "resumed_from": resumed_from,
+        }
+        arts.commit(extra=extra)
+        print(f"done: {res.global_step} steps in {res.wall_time_s:.1f} s, eval mean {final['mean']:.1f}", flush=True)
+        return 0
+    finally:
+        algo.close()
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    from rlfleet_agents.configs import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def _open_source(ctx: RunContext, what: str) -> RunArtifacts:
+    if not ctx.source_uri:
+        raise RunError(f"a {what} run needs RLFLEET_SOURCE_URI (the run to {what})")
+    src = ctx.open_other(ctx.source_uri)
+    if not src.is_complete():
+        raise IncompleteRunError(
+            f"cannot {what} run {src.run_id}: it is incomplete (no manifest.json in {src.uri}); "
+            "it failed, was cancelled or is still running. Use a run that finished (status SUCCEEDED)"
+        )
+    if "policy.onnx" not in src.manifest().files:
+        raise RunError(f"cannot {what} run {src.run_id}: it has no policy.onnx "
+                       "(only ppo and dqn train runs export a policy)")
+    return src
+
+
+def _load_torch_act(src: RunArtifacts) -> Any:
+    import io
+
+    import torch
+
+    from rlfleet_agents.envs import SpaceInfo
+    from rlfleet_agents.networks import ActorCritic, DeterministicPolicy, QNetwork, torch_act_fn
+
+    state = torch.load(io.BytesIO(src.read_bytes("policy.pt")), map_location="cpu", weights_only=True)
+    info = SpaceInfo.from_dict(state["spaces"])
+    cfg = state["config"]
+    if state["agent"] == "dqn":
+        model: Any = QNetwork(info, cfg["hidden_sizes"], cfg["normalize_obs"])
+    else:
+        model = ActorCritic(info, cfg["hidden_sizes"], cfg["normalize_obs"], cfg.get("init_log_std", 0.0))
+    model.load_state_dict(state["model"])
+    return torch_act_fn(DeterministicPolicy(model, state["kind"]), torch.device("cpu"))
+
+
+def run_eval(ctx: RunContext, start: float) -> int:
+    from rlfleet_agents.envs import make_env, space_info
+    from rlfleet_agents.evaluate import evaluate
+    from rlfleet_agents.policy import OnnxPolicy
+
+    spec, arts = ctx.spec, ctx.arts
+    assert arts is not None
+    src = _open_source(ctx, "evaluate")
+    onnx_bytes = src.read_bytes("policy.onnx")
+    policy = OnnxPolicy(onnx_bytes)
+    probe = make_env(spec.env, spec.env_kwargs)
+    info = space_info(probe.observation_space, probe.action_space, spec.env)
+    probe.close()
+    policy.check_env(info.obs_shape, info.action_kind, info.n_actions, spec.env)
+    act = policy.act if spec.eval.policy_format == "onnx" else _load_torch_act(src)
+    result = evaluate(act, spec.env, spec.eval.episodes, seed=spec.seed, env_kwargs=spec.env_kwargs)
+    out: dict[str, Any] = {**result, "policy_sha256": policy.sha256, "policy_format": spec.eval.policy_format,
+                           "source_run": src.run_id, "env": spec.env, "seed": spec.seed}
+    if spec.eval.compare_to:
+        other = ctx.open_other(f"{src.store.root_uri}/runs/{spec.eval.compare_to}")
+        if not other.is_complete():
+            raise IncompleteRunError(f"eval.compare_to: run {other.run_id} is incomplete (no manifest.json)")
+        theirs = other.read_json("eval.json")
+        out["compare"] = {"run_id": other.run_id, "mean": theirs["mean"], "std": theirs["std"],
+                          "episodes": theirs["episodes"], "mean_diff": result["mean"] - theirs["mean"],
+                          "better": result["mean"] > theirs["mean"]}
+    arts.write_json("eval.json", out)
+    extra = {**_common_extra(ctx, start), "env_steps": int(sum(result["lengths"])), "device": "cpu",
+             "source_run": src.run_id, "policy_sha256": policy.sha256,
+             "final_eval": {k: result[k] for k in ("episodes", "mean", "std", "min", "max")}}
+    arts.commit(extra=extra)
+    print(f"eval of {src.run_id}: mean {result['mean']:.2f} ± {result['std']:.2f} over "
+          f"{result['episodes']} episodes", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# deploy
+
+
+def read_serve_token() -> str:
+    for var in ("RLFLEET_SERVE_TOKEN_FILE", "RAY_AUTH_TOKEN_PATH"):
+        path = os.environ.get(var)
+        if path:
+            try:
+                with open(os.path.expanduser(path)) as f:
+                    token = f.read().strip()
+            except OSError as err:
+                raise RunError(f"cannot read the serving token file named by {var}: {err.strerror}") from None
+            if token:
+                return token
+            raise RunError(f"the serving token file named by {var} is empty")
+    raise RunError("a deploy run needs a bearer token: set RLFLEET_SERVE_TOKEN_FILE, or run on a cluster "
+                   "with Ray token auth (RAY_AUTH_TOKEN_PATH)")
+
+
+def run_deploy(ctx: RunContext, start: float) -> int:
+    from rlfleet_agents.metrics import RayMetrics
+    from rlfleet_agents.policy import OnnxPolicy
+    from rlfleet_agents.serve import PolicyApp, bind_socket, serve_forever
+
+    spec, arts = ctx.spec, ctx.arts
+    assert arts is not None
+    src = _open_source(ctx, "deploy")
+    token = read_serve_token()
+    policy = OnnxPolicy(src.read_bytes("policy.onnx"))
+    name = spec.deploy.name or spec.name or src.run_id.lower()
+    metrics = RayMetrics(ctx.labels)
+    app = PolicyApp(policy, name, token, on_request=metrics.record_request)
+    sock = bind_socket(spec.deploy.host, spec.deploy.port, ctx.serve_ports)
+    host, port = sock.getsockname()[:2]
+    wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding it
+    url_host = socket.gethostbyname(socket.gethostname()) if wildcard else host
+    if ":" in url_host:
+        url_host = f"[{url_host}]"
+    endpoint = {"url": f"http://{url_host}:{port}", "path": app.path, "policy": name,
+                "policy_sha256": policy.sha256, "pid": os.getpid(), "source_run": src.run_id}
+
+    def started() -> None:
+        arts.write_json("endpoint.json", endpoint)
+        arts.commit(extra={**_common_extra(ctx, start), "source_run": src.run_id,
+                           "policy_sha256": policy.sha256, "endpoint": endpoint, "device": "cpu"})
+        print(f"serving {name} at {endpoint['url']}{app.path}", flush=True)
+
+    serve_forever(app, sock, on_started=started)
+    print(f"policy server stopped after {app.requests} requests", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    start = time.monotonic()
+    ctx: RunContext | None = None
+    try:
+        ctx = RunContext.from_env(argv)
+        if ctx.spec.code is None and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        if ctx.spec.kind != Kind.DEPLOY:
+
+            def _on_term(signum: int, frame: Any) -> None:
+                assert ctx is not None
+                if ctx.stop_requested:
+                    raise KeyboardInterrupt
+                ctx.stop_requested = True
+
+            signal.signal(signal.SIGTERM, _on_term)
+        ctx.arts = open_run(ctx.root, ctx.run_id, storage_options=ctx.storage_options)
+        if ctx.arts.is_complete():
+            raise RunError(f"run {ctx.run_id} already committed a manifest in {ctx.arts.uri}; use a new run id")
+        ctx.arts.write_text("spec.json", ctx.spec.to_json())
+        if ctx.spec.kind == Kind.TRAIN:
+            return run_train(ctx, start)
+        if ctx.spec.kind == Kind.EVAL:
+            return run_eval(ctx, start)
+        return run_deploy(ctx, start)
+    except KeyboardInterrupt:
+        print("rlfleet run interrupted", file=sys.stderr)
+        return EXIT_TERMINATED
+    except (RunError, RlfleetError, ValueError, OSError) as err:
+        _fail(ctx, str(err))
+        return EXIT_ERROR
+    except Exception as err:
+        _fail(ctx, f"{type(err).__name__}: {err}")
+        if os.environ.get("RLFLEET_DEBUG"):
+            raise
+        return EXIT_ERROR
+
+
+def _fail(ctx: RunContext | None, msg: str) -> None:
+    rid = f" {ctx.run_id}" if ctx is not None else ""
+    print(f"rlfleet run{rid} failed: {' '.join(msg.split())}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
