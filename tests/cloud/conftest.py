@@ -81,7 +81,7 @@ class Mocks(pulumi.runtime.Mocks):
             if typ == "gcp:monitoring/dashboard:Dashboard":
                 state["id"] = f"projects/{GCP_PROJECT_NUMBER}/dashboards/{name}"
         self.resources.append(Captured(typ, name, inputs, state))
-        return f"{name}-id", state
+        return str(state.get("id") or f"{name}-id"), state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
         self.calls.append((args.token, dict(args.args)))

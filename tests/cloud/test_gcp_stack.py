@@ -1,0 +1,162 @@
+"""infra_cloud/gcp under Pulumi mocks (preview=False): every promise asserted on the resources."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pulumi
+import pytest
+
+from rlfleet import stack_outputs as so
+
+from .conftest import GCP_PROJECT, GCP_PROJECT_NUMBER, SECRET_SIG, Built, build
+from .policies import gcp_violations
+
+BASE = {"rlfleet-gcp:admin_cidrs": '["203.0.113.0/24"]', "rlfleet-gcp:worker_count": "2",
+        "rlfleet-gcp:max_lifetime_hours": "12"}
+
+
+def gcp_program() -> dict[str, pulumi.Output]:
+    from rlfleet_gcp.cluster import RayGpuCluster
+    from rlfleet_gcp.config import load_settings
+
+    s = load_settings()
+    return RayGpuCluster(f"rlfleet-{s.stack}", s, region="us-central1").outputs
+
+
+@pytest.fixture(scope="module")
+def stack() -> Built:
+    return build(gcp_program, BASE)
+
+
+def test_policy_checks_pass_and_can_fail(stack: Built) -> None:
+    assert gcp_violations(stack.resources, "dev") == []
+    broken = copy.deepcopy(stack.resources)
+    vm = next(r for r in broken if r.typ == "gcp:compute/instance:Instance")
+    vm.inputs["metadata"]["enable-oslogin"] = "FALSE"
+    fw = next(r for r in broken if r.typ == "gcp:compute/firewall:Firewall" and r.name.endswith("admin"))
+    fw.inputs["sourceRanges"] = ["0.0.0.0/0"]
+    next(r for r in broken if r.typ == "gcp:storage/bucket:Bucket").inputs["labels"] = {}
+    found = gcp_violations(broken, "dev")
+    assert any("OS Login" in v for v in found) and any("world-open" in v for v in found)
+    assert any("missing rlfleet labels" in v for v in found)
+
+
+def test_firewall_admin_cidrs_and_intra_cluster_only(stack: Built) -> None:
+    fws = {r.name.rsplit("-", 1)[1]: r.inputs for r in stack.of("gcp:compute/firewall:Firewall")}
+    assert set(fws) == {"admin", "intra"}
+    assert fws["admin"]["sourceRanges"] == ["203.0.113.0/24"]
+    assert fws["admin"]["allows"] == [{"protocol": "tcp", "ports": ["22", "8443"]}]
+    assert fws["intra"]["sourceTags"] == ["rlfleet-dev"] and "sourceRanges" not in fws["intra"]
+    assert stack.one("gcp:compute/network:Network").inputs["autoCreateSubnetworks"] is False
+    assert stack.one("gcp:compute/routerNat:RouterNat")
+
+
+def test_vms_shielded_oslogin_cmek_gpu(stack: Built) -> None:
+    vms = {r.inputs["name"]: r.inputs for r in stack.of("gcp:compute/instance:Instance")}
+    assert set(vms) == {"rlfleet-dev-head", "rlfleet-dev-worker-0", "rlfleet-dev-worker-1"}
+    key_id = stack.one("gcp:kms/cryptoKey:CryptoKey").state["id"]
+    for vm in vms.values():
+        assert vm["shieldedInstanceConfig"] == {"enableSecureBoot": True, "enableVtpm": True,
+                                                "enableIntegrityMonitoring": True}
+        assert vm["metadata"]["enable-oslogin"] == "TRUE" and vm["metadata"]["block-project-ssh-keys"] == "TRUE"
+        assert vm["bootDisk"]["kmsKeySelfLink"] == key_id
+        assert vm["bootDisk"]["initializeParams"]["image"].startswith("projects/deeplearning-platform-release/")
+        assert vm["scheduling"]["maxRunDuration"] == {"seconds": 12 * 3600}
+        assert vm["scheduling"]["instanceTerminationAction"] == "STOP"
+        assert vm["metadata"]["startup-script"].startswith("#!/bin/bash")
+    w = vms["rlfleet-dev-worker-0"]
+    assert w["machineType"] == "g2-standard-8"
+    assert w["guestAccelerators"] == [{"type": "nvidia-l4", "count": 1}]
+    assert "accessConfigs" not in w["networkInterfaces"][0]
+    head = vms["rlfleet-dev-head"]
+    assert "guestAccelerators" not in head
+    assert head["networkInterfaces"][0]["accessConfigs"] == [{"natIp": "203.0.113.50"}]
+
+
+def test_spot_workers_stop_on_preemption() -> None:
+    b = build(gcp_program, {**BASE, "rlfleet-gcp:spot": "true", "rlfleet-gcp:worker_count": "1"})
+    w = next(r.inputs for r in b.of("gcp:compute/instance:Instance") if r.inputs["name"].endswith("worker-0"))
+    assert w["scheduling"]["provisioningModel"] == "SPOT" and w["scheduling"]["instanceTerminationAction"] == "STOP"
+
+
+def test_bucket_cmek_private_versioned_lifecycle(stack: Built) -> None:
+    b = stack.one("gcp:storage/bucket:Bucket").inputs
+    assert b["encryption"] == {"defaultKmsKeyName": stack.one("gcp:kms/cryptoKey:CryptoKey").state["id"]}
+    assert b["publicAccessPrevention"] == "enforced" and b["uniformBucketLevelAccess"] is True
+    assert b["versioning"] == {"enabled": True}
+    actions = {r["action"]["type"]: r["condition"] for r in b["lifecycleRules"]}
+    assert actions["Delete"] == {"daysSinceNoncurrentTime": 14, "withState": "ARCHIVED"}
+    assert actions["SetStorageClass"]["matchesPrefixes"] == ["rlfleet/runs/"]
+    grants = {r.inputs["member"] for r in stack.of("gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember")}
+    assert grants == {f"serviceAccount:service-{GCP_PROJECT_NUMBER}@gs-project-accounts.iam.gserviceaccount.com",
+                      f"serviceAccount:service-{GCP_PROJECT_NUMBER}@compute-system.iam.gserviceaccount.com"}
+
+
+def test_identity_scoped_to_own_bucket_secret_logs_metrics(stack: Built) -> None:
+    node_sa = next(r for r in stack.of("gcp:serviceaccount/account:Account") if r.inputs["accountId"].endswith("node"))
+    member = f"serviceAccount:{node_sa.state['email']}"
+    mine = [r for r in stack.resources if r.inputs.get("member") == member]
+    got = sorted((r.typ.split("/")[-1], r.inputs["role"]) for r in mine)
+    assert got == [("bucketIAMMember:BucketIAMMember", "roles/storage.objectUser"),
+                   ("iAMMember:IAMMember", "roles/logging.logWriter"),
+                   ("iAMMember:IAMMember", "roles/monitoring.metricWriter"),
+                   ("secretIamMember:SecretIamMember", "roles/secretmanager.secretAccessor")]
+    bucket = next(r for r in mine if r.typ.endswith("BucketIAMMember"))
+    assert bucket.inputs["bucket"] == stack.one("gcp:storage/bucket:Bucket").state["name"]
+    secret = next(r for r in mine if r.typ.endswith("SecretIamMember"))
+    assert secret.inputs["secretId"] == "rlfleet-dev-ray-token"
+    role = stack.one("gcp:projects/iAMCustomRole:IAMCustomRole").inputs
+    assert role["permissions"] == ["compute.instances.get", "compute.instances.stop"]
+    binding = next(r for r in stack.of("gcp:projects/iAMMember:IAMMember") if "condition" in r.inputs)
+    assert 'startsWith("rlfleet-dev-")' in binding.inputs["condition"]["expression"]
+
+
+def test_secret_and_outputs(stack: Built) -> None:
+    pw = stack.one("random:index/randomPassword:RandomPassword")
+    v = stack.one("gcp:secretmanager/secretVersion:SecretVersion").inputs
+    assert v["secretData"]["value"] == pw.state["result"] and SECRET_SIG in v["secretData"]
+    assert [k for k, s in stack.secret.items() if s] == [so.OUTPUT_RAY_TOKEN]
+    for r in stack.resources:
+        if r.typ not in ("gcp:secretmanager/secretVersion:SecretVersion", "random:index/randomPassword:RandomPassword"):
+            assert pw.state["result"] not in json.dumps(r.inputs, default=str), r.typ
+    o = stack.outputs
+    assert set(o) == set(so.ALL_OUTPUTS)
+    assert o[so.OUTPUT_RAY_ADDRESS] == "https://203.0.113.50:8443"
+    assert o[so.OUTPUT_ARTIFACT_ROOT] == f"gs://rlfleet-dev-{GCP_PROJECT}/rlfleet"
+    assert o[so.OUTPUT_TOKEN_SECRET] == f"gcp-secret:projects/{GCP_PROJECT_NUMBER}/secrets/rlfleet-dev-ray-token"
+    assert o[so.OUTPUT_REGION] == "us-central1"
+
+
+def test_alerts_idle_stop_function_and_dashboard(stack: Built) -> None:
+    pols = {r.name.split("rlfleet-dev-mon-")[1]: r.inputs for r in stack.of("gcp:monitoring/alertPolicy:AlertPolicy")}
+    assert set(pols) == {"gpu-idle-stop", "head-idle-stop", "unhealthy", "disk-full"}
+    gpu = pols["gpu-idle-stop"]["conditions"][0]["conditionThreshold"]
+    assert "agent.googleapis.com/gpu/utilization" in gpu["filter"] and gpu["duration"] == "1800s"
+    assert 'metadata.user_labels."rlfleet-stack" = "dev"' in gpu["filter"]
+    channel = next(r for r in stack.of("gcp:monitoring/notificationChannel:NotificationChannel"))
+    assert channel.inputs["type"] == "pubsub"
+    assert pols["gpu-idle-stop"]["notificationChannels"] == [channel.state["id"]]
+    fn = stack.one("gcp:cloudfunctionsv2/function:Function").inputs
+    assert fn["eventTrigger"]["pubsubTopic"] == stack.one("gcp:pubsub/topic:Topic").state["id"]
+    assert fn["serviceConfig"]["ingressSettings"] == "ALLOW_INTERNAL_ONLY"
+    assert "conditionAbsent" in pols["unhealthy"]["conditions"][0]
+    assert pols["disk-full"]["conditions"][0]["conditionThreshold"]["thresholdValue"] == 90
+    dash = stack.one("gcp:monitoring/dashboard:Dashboard").inputs["dashboardJson"]
+    for name in ("ray_rlfleet_episode_return", "ray_rlfleet_steps_per_second", "gpu/utilization",
+                 "gpu/memory/bytes_used", "instance/uptime", "disk/percent_used"):
+        assert name in dash
+
+
+def test_typed_components(stack: Built) -> None:
+    assert {r.typ for r in stack.resources if r.typ.startswith("rlfleet:")} == {
+        "rlfleet:gcp:RayGpuCluster", "rlfleet:gcp:Network", "rlfleet:gcp:ClusterStorage", "rlfleet:gcp:NodeIdentity",
+        "rlfleet:gcp:RayHead", "rlfleet:gcp:GpuNodePool", "rlfleet:gcp:ClusterMonitoring"}
+
+
+def test_config_errors_stop_the_program() -> None:
+    with pytest.raises(pulumi.RunError, match="not a valid CIDR"):
+        build(gcp_program, {**BASE, "rlfleet-gcp:admin_cidrs": '["10.0.0.300/32"]'})
+    with pytest.raises(pulumi.RunError, match="unknown GPU type 'nvidia-z100'"):
+        build(gcp_program, {**BASE, "rlfleet-gcp:gpu_type": "nvidia-z100"})
