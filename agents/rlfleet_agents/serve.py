@@ -14,11 +14,13 @@ Bad JSON / wrong shape / NaN -> 422 with a message naming the problem. Bodies ov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from rlfleet_agents.policy import ObservationError, OnnxPolicy
@@ -146,7 +148,15 @@ def make_server(app: PolicyApp) -> Any:
         timeout_keep_alive=30,
         limit_concurrency=2048,
     )
-    return uvicorn.Server(config)
+
+    class _Server(uvicorn.Server):
+        # uvicorn re-raises SIGTERM after its graceful shutdown (exit status 143); we install our
+        # own handlers in serve_forever so the run exits 0 after draining.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return _Server(config)
 
 
 def serve_forever(app: PolicyApp, sock: socket.socket, on_started: Callable[[], None] | None = None) -> None:
@@ -154,6 +164,9 @@ def serve_forever(app: PolicyApp, sock: socket.socket, on_started: Callable[[], 
     server = make_server(app)
 
     async def _main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
