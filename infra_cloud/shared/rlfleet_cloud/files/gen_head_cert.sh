@@ -23,7 +23,7 @@ gen_head_cert() {
   printf 'subjectAltName=%s\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
     "$san" >"$work/ext.cnf"
   openssl x509 -req -in "$work/server.csr" -CA "$dir/ca.pem" -CAkey "$work/ca.key" \
-    -CAcreateserial -days 825 -sha256 -extfile "$work/ext.cnf" -out "$dir/server.pem" 2>/dev/null
+    -CAserial "$work/ca.srl" -CAcreateserial -days 825 -sha256 -extfile "$work/ext.cnf" -out "$dir/server.pem" 2>/dev/null
   chmod 0600 "$dir/server.key"
   chmod 0644 "$dir/ca.pem" "$dir/server.pem"
   rm -rf "$work"
