@@ -82,7 +82,7 @@ def test_spot_and_existing_network() -> None:
     b = build(aws_program, {**BASE, "rlfleet-aws:spot": "true", "rlfleet-aws:existing_network": "vpc-123",
                             "rlfleet-aws:existing_subnet": "subnet-456", "rlfleet-aws:worker_count": "1"})
     assert b.of("aws:ec2/vpc:Vpc") == []
-    w = [i for i in b.of("aws:ec2/instance:Instance") if i.inputs["tags"]["rlfleet:role"] == "worker"][0]
+    w = next(i for i in b.of("aws:ec2/instance:Instance") if i.inputs["tags"]["rlfleet:role"] == "worker")
     assert w.inputs["instanceMarketOptions"] == {"marketType": "spot", "spotOptions": {
         "instanceInterruptionBehavior": "stop", "spotInstanceType": "persistent"}}
     assert w.inputs["subnetId"] == "subnet-456"
@@ -140,12 +140,14 @@ def test_secret_generated_stored_encrypted_and_output_secret(stack: Built) -> No
     assert secret.inputs["kmsKeyId"] == stack.one("aws:kms/key:Key").state["arn"]
     version = stack.one("aws:secretsmanager/secretVersion:SecretVersion")
     # passed to the provider as a Pulumi secret (the engine encrypts it in state)
-    assert version.inputs["secretString"] == {SECRET_SIG: "1b47061264138c4ac30d75fd1eb44270", "value": pw.state["result"]}
+    assert version.inputs["secretString"] == {SECRET_SIG: "1b47061264138c4ac30d75fd1eb44270",
+                                              "value": pw.state["result"]}
     assert stack.secret[so.OUTPUT_RAY_TOKEN] is True
     assert [k for k, v in stack.secret.items() if v] == [so.OUTPUT_RAY_TOKEN]
     # the token appears nowhere but in the secret version and the secret output
     for r in stack.resources:
-        if r.typ not in ("aws:secretsmanager/secretVersion:SecretVersion", "random:index/randomPassword:RandomPassword"):
+        if r.typ not in ("aws:secretsmanager/secretVersion:SecretVersion",
+                         "random:index/randomPassword:RandomPassword"):
             assert pw.state["result"] not in json.dumps(r.inputs, default=str), r.typ
 
 

@@ -7,11 +7,11 @@ import json
 import os
 import socket
 import ssl
-import time
 import stat
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -21,7 +21,6 @@ import pytest
 import yaml
 from rlfleet_cloud.bootstrap import NodeParams, aws_cloud_config, render_bootstrap
 from rlfleet_cloud.settings import parse_settings
-
 
 FILES = Path(__file__).resolve().parents[2] / "infra_cloud" / "shared" / "rlfleet_cloud" / "files"
 SCHEMA = Path(__file__).parent / "data" / "schema-cloud-config-v1.json"
@@ -87,7 +86,7 @@ def _gen(dir_: Path, *ips: str) -> None:
 class _Upstream(BaseHTTPRequestHandler):
     """Stands in for Ray's dashboard: 200 only with the bearer token, else 401."""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         ok = self.headers.get("Authorization") == "Bearer s3cret"
         self.send_response(200 if ok else 401)
         self.end_headers()
