@@ -1,0 +1,75 @@
+"""Helpers for the agents tests: run ``python -m rlfleet_agents.run`` as a real process with the
+run environment contract, against a file:// artifact root in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join([str(REPO / "sdk"), str(REPO / "agents")])
+
+
+class Runner:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri = f"file://{root}"
+
+    def env(self, run_id: str, spec: dict[str, Any], **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RLFLEET_", "RAY_"))}
+        env.update(PYTHONPATH=PYTHONPATH, RLFLEET_RUN_ID=run_id, RLFLEET_ARTIFACT_ROOT=self.uri,
+                   RLFLEET_SPEC=json.dumps(spec), RLFLEET_TARGET="test", **extra)
+        return env
+
+    def start(self, run_id: str, spec: dict[str, Any], cwd: Path | None = None, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "rlfleet_agents.run"], env=self.env(run_id, spec, **extra),
+                                cwd=cwd or self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, run_id: str, spec: dict[str, Any], cwd: Path | None = None, timeout: float = 120,
+            **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rlfleet_agents.run"], env=self.env(run_id, spec, **extra),
+                              cwd=cwd or self.root, capture_output=True, text=True, timeout=timeout)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def src(self, run_id: str) -> str:
+        return f"{self.uri}/runs/{run_id}"
+
+    def manifest(self, run_id: str) -> dict[str, Any]:
+        return json.loads((self.run_dir(run_id) / "manifest.json").read_text())
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Runner:
+    (tmp_path / "root").mkdir()
+    return Runner(tmp_path / "root")
+
+
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    """One solved PPO CartPole run (through the real entrypoint), shared by eval/serve tests."""
+    root = tmp_path_factory.mktemp("trained") / "root"
+    root.mkdir()
+    r = Runner(root)
+    t0 = time.monotonic()
+    out = r.run("ppo-cp", {"kind": "train", "agent": "ppo", "env": "CartPole-v1", "seed": 1,
+                           "budget": {"steps": 60_000},
+                           "config": {"eval_every": 10_000, "stop_at_return": 475}})
+    assert out.returncode == 0, out.stderr
+    print(f"trained ppo-cp in {time.monotonic() - t0:.1f} s")
+    yield r
+
+
+def ort_session(onnx_path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
