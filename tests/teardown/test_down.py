@@ -43,11 +43,14 @@ class FakePulumi:
         self.destroyed = 0
 
     def destroy(self, target, *, delete_data, echo):
+        # like pulumi_stack.destroy, which refuses delete_data (the bucket is a retained resource)
+        assert not delete_data, "down must delete cloud data through its own sweep"
         self.destroyed += 1
         items = [x for x in aws.scan_stack("prod", region="us-east-1") if x.kind not in self.leak]
-        aws.remove_leftovers(items, delete_data=delete_data, region="us-east-1")
+        aws.remove_leftovers(items, delete_data=False, region="us-east-1")
 
     def plan_destroy(self, target, *, delete_data):
+        assert not delete_data
         return [f"pulumi destroy stack prod (delete_data={delete_data})"]
 
     def scan_leftovers(self, target):  # unused for aws: down scans tags itself

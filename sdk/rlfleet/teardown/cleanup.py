@@ -10,7 +10,7 @@ Never removed, whatever the rules say:
 - runs that are active (running, pending, or deploy runs still serving) — the caller passes their
   ids (``active_run_ids``; the CLI asks the target's cluster) — and the runs they read from
   (a deploy's or eval's ``source``, a train's ``resume_from``);
-- the newest run of each name;
+- the newest run of each name (the newest committed one, if the name has any);
 - when the active runs are unknown (``active_run_ids=None``: cluster unreachable), every run
   without a manifest, because it may still be writing.
 """
@@ -177,7 +177,9 @@ def plan_cleanup(
         runs.sort(key=lambda r: (r.created or oldest, r.run_id), reverse=True)
         for i, r in enumerate(runs):
             rank[r.run_id] = i
-        protected.setdefault(runs[0].run_id, f"latest run named {name!r}")
+        # the newest usable (committed) run; a failed newer attempt does not displace it
+        latest = next((r for r in runs if r.complete), runs[0])
+        protected.setdefault(latest.run_id, f"latest run named {name!r}")
 
     plan = CleanupPlan()
     for r in sorted(records, key=lambda r: r.run_id):

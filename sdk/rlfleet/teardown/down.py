@@ -7,6 +7,8 @@ Order of work (nothing changes before the data-deletion question is answered):
    and without ``yes`` refuse with :class:`ConfirmationRequired`;
 3. cancel those runs and deployments;
 4. the provisioner's ``destroy`` (Pulumi destroy / teardown.yml / stopping the local head);
+   cloud stacks keep their artifact bucket on destroy, so for them ``delete_data`` is not
+   passed on: the sweep deletes the bucket instead;
 5. cloud targets only: remove whatever is still tagged for the stack (the sweep: only resources
    carrying ``rlfleet:stack=<stack>`` / ``rlfleet-stack=<stack>``; artifact buckets only with
    ``delete_data``);
@@ -203,7 +205,7 @@ def down(
 
     if dry_run:
         result.planned += [f"cancel run {r.run_id} ({r.status().value})" for r in active]
-        result.planned += list(provisioner.plan_destroy(target, delete_data=delete_data))
+        result.planned += list(provisioner.plan_destroy(target, delete_data=delete_data and sweep is None))
         for x in scan():
             if x.is_data and not delete_data:
                 result.kept_data.append(x)
@@ -226,9 +228,11 @@ def down(
             echo(f"could not cancel run {run.run_id}: {err} (destroying the cluster stops it anyway)")
 
     # 4. the provisioner
+    # Cloud stacks keep their artifact bucket on destroy (retained resources); with --delete-data
+    # the sweep below empties and deletes it, so the provisioner is never asked to.
     destroy_error: ProvisionerError | None = None
     try:
-        provisioner.destroy(target, delete_data=delete_data, echo=echo)
+        provisioner.destroy(target, delete_data=delete_data and sweep is None, echo=echo)
     except ProvisionerError as err:
         destroy_error = err
         echo(f"destroy failed: {err}")
