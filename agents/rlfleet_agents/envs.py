@@ -30,8 +30,9 @@ def _ensure_code_dir_on_path() -> None:
 
 def _format_make_error(env_id: str, err: Exception) -> EnvError:
     if isinstance(err, ModuleNotFoundError):
+        module = err.name or (env_id.split(":", 1)[0] if ":" in env_id else None)
         return EnvError(
-            f"env {env_id!r}: cannot import module {err.name!r}; ship it with the run's code "
+            f"env {env_id!r}: cannot import module {module!r}; ship it with the run's code "
             "directory (RunSpec.code) or install it on the cluster"
         )
     if isinstance(err, TypeError):

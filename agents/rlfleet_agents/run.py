@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(ctx: RunContext | None, msg: str) -> None:
-    rid = f" {ctx.run_id}" if ctx is not None else ""
+    run_id = ctx.run_id if ctx is not None else os.environ.get("RLFLEET_RUN_ID")
+    rid = f" {run_id}" if run_id else ""
     print(f"rlfleet run{rid} failed: {' '.join(msg.split())}", file=sys.stderr, flush=True)
 
 
