@@ -68,8 +68,3 @@ def trained_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
     print(f"trained ppo-cp in {time.monotonic() - t0:.1f} s")
     yield r
 
-
-def ort_session(onnx_path: Path) -> Any:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
