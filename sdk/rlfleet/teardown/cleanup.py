@@ -113,13 +113,14 @@ def read_run(store: ArtifactStore, run_id: str) -> RunRecord:
             created = None
     if created is None and files:
         # incomplete run (failed/cancelled/running): the newest file's time is its last sign of life
-        times = []
+        times: list[datetime] = []
         for rel in files:
             try:
-                times.append(_parse_time(store.fs.modified(arts._p(rel))))
+                t = _parse_time(store.fs.modified(arts._p(rel)))
             except Exception:  # noqa: S112 - a store without mtimes: age stays unknown
                 continue
-        times = [t for t in times if t is not None]
+            if t is not None:
+                times.append(t)
         created = max(times) if times else None
     reads = tuple(x for x in (_run_id_of(spec.get("source")), _run_id_of(spec.get("resume_from"))) if x)
     return RunRecord(
