@@ -278,11 +278,11 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
             if res.returncode != 0:
                 raise RlfleetError(f"'ray start' failed (exit {res.returncode}); see {state_dir() / 'ray-start.log'}")
             target = local_target()
-            deadline = time.monotonic() + 60
-            while not _healthy(target, timeout=2):
+            deadline = time.monotonic() + 120
+            while not _healthy(target, timeout=5):
                 if time.monotonic() > deadline:
                     raise ClusterUnreachable(
-                        f"the local Ray head did not answer on {target.ray_address} within 60 s; "
+                        f"the local Ray head did not answer on {target.ray_address} within 120 s; "
                         f"see {state_dir() / 'ray-start.log'}"
                     )
                 time.sleep(0.2)

@@ -104,7 +104,7 @@ def test_submit_wait_logs_metrics_artifacts(local_cluster) -> None:
 
 
 def test_cancel_a_running_run(local_cluster) -> None:
-    run = submit_run(quick(budget={"minutes": 5}, name="long"))
+    run = submit_run(quick(budget={"steps": 10**10, "minutes": 5}, name="long"))
     deadline = time.monotonic() + 90
     while not (run.status() is RunStatus.RUNNING and run.metrics()):  # running and writing metrics
         assert time.monotonic() < deadline, f"run never started: {run.status()}"
