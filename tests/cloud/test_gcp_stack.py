@@ -160,3 +160,11 @@ def test_config_errors_stop_the_program() -> None:
         build(gcp_program, {**BASE, "rlfleet-gcp:admin_cidrs": '["10.0.0.300/32"]'})
     with pytest.raises(pulumi.RunError, match="unknown GPU type 'nvidia-z100'"):
         build(gcp_program, {**BASE, "rlfleet-gcp:gpu_type": "nvidia-z100"})
+
+
+def test_service_accounts_carry_the_stack_marker_teardown_scans_for(stack: Built) -> None:
+    """Service accounts cannot carry labels; teardown's gcp.scan_stack matches this description marker."""
+    sas = stack.of("gcp:serviceaccount/account:Account")
+    assert len(sas) >= 2
+    for sa in sas:
+        assert "rlfleet-stack=dev" in sa.inputs["description"].split(), sa.name

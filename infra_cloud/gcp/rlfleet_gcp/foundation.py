@@ -145,7 +145,10 @@ class NodeIdentity(pulumi.ComponentResource):
         s = args.settings
         child = pulumi.ResourceOptions(parent=self)
         sa = gcp.serviceaccount.Account(f"{name}-sa", account_id=f"rlfleet-{s.stack}-node"[:30],
-                                        display_name=f"rlfleet {s.stack} Ray nodes", opts=child)
+                                        display_name=f"rlfleet {s.stack} Ray nodes",
+                                        # service accounts carry no labels: teardown's scan matches this marker
+                                        description=f"rlfleet-stack={s.stack} rlfleet-managed=true",
+                                        opts=child)
         member = pulumi.Output.concat("serviceAccount:", sa.email)
         gcp.storage.BucketIAMMember(f"{name}-bucket", bucket=args.bucket_name, role="roles/storage.objectUser",
                                     member=member, opts=child)

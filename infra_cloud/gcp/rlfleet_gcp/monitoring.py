@@ -81,7 +81,9 @@ class ClusterMonitoring(pulumi.ComponentResource):
             channels.append(email.id)
 
         stopper_sa = gcp.serviceaccount.Account(f"{name}-stopper-sa", account_id=f"rlfleet-{s.stack}-stop"[:30],
-                                                display_name=f"rlfleet {s.stack} idle stopper", opts=child)
+                                                display_name=f"rlfleet {s.stack} idle stopper",
+                                                description=f"rlfleet-stack={s.stack} rlfleet-managed=true",
+                                                opts=child)
         stop_role = gcp.projects.IAMCustomRole(
             f"{name}-stop-role", role_id=f"rlfleet_{s.stack.replace('-', '_')}_stop", project=args.project,
             title=f"rlfleet {s.stack} stop VMs", permissions=["compute.instances.get", "compute.instances.stop"],

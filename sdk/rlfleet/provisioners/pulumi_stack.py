@@ -122,6 +122,9 @@ def target_from_outputs(name: str, outputs: dict[str, Any], *, kind: str | None 
     prov = {"type": "pulumi", **(provisioner or {})}
     prov.setdefault("stack_tag", str(outputs.get(so.OUTPUT_STACK_TAG, "")))
     prov.setdefault("region", str(outputs.get(so.OUTPUT_REGION, "")))
+    token_ref = str(outputs.get(so.OUTPUT_TOKEN_SECRET, ""))
+    if kind == "gcp" and token_ref.startswith("gcp-secret:projects/"):
+        prov.setdefault("project", token_ref.split("/")[1])  # teardown scans this project
     if outputs.get(so.OUTPUT_DASHBOARD_URL):
         prov.setdefault("dashboard_url", str(outputs[so.OUTPUT_DASHBOARD_URL]))
     try:
