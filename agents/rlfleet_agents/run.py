@@ -14,7 +14,7 @@ Environment contract (set by the SDK through Ray's runtime_env; never secrets):
 
 Artifacts: spec.json first; metrics.jsonl while running; checkpoints/; policy.onnx (+ policy.pt);
 eval.json (eval); endpoint.json (deploy); manifest.json last, only on success.
-On error: one line on stderr, a non-zero exit code, no manifest.
+On error: one line on stderr (``rlfleet: error: run <id>: ...``), a non-zero exit code, no manifest.
 
 The 'random' agent path imports no torch, so short runs start fast.
 """
@@ -197,12 +197,21 @@ def run_train(ctx: RunContext, start: float) -> int:
             "evals": res.evals,
             "solved_step": res.solved_step,
             "resumed_from": resumed_from,
+            "ray_metrics": _ray_metrics_state(writer),
         }
         arts.commit(extra=extra)
         print(f"done: {res.global_step} steps in {res.wall_time_s:.1f} s, eval mean {final['mean']:.1f}", flush=True)
         return 0
     finally:
         algo.close()
+
+
+def _ray_metrics_state(writer: Any) -> dict[str, Any] | None:
+    r = writer.ray
+    if not r.enabled:
+        return None
+    return {"connected": r.ready.is_set(), "connect_s": None if r.connect_s is None else round(r.connect_s, 3),
+            "error": r.failed}
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:
@@ -381,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(ctx: RunContext | None, msg: str) -> None:
+    """One line on stderr, in the CLI's format (the SDK's Run.failure_reason() reads it)."""
     run_id = ctx.run_id if ctx is not None else os.environ.get("RLFLEET_RUN_ID")
-    rid = f" {run_id}" if run_id else ""
-    print(f"rlfleet run{rid} failed: {' '.join(msg.split())}", file=sys.stderr, flush=True)
-
+    rid = f"run {run_id}: " if run_id else ""
+    print(f"rlfleet: error: {rid}{' '.join(msg.split())}", file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,11 +47,11 @@ def test_bad_env_fails_with_one_line_and_no_manifest(runner) -> None:
     out = runner.run("bad", {"kind": "train", "agent": "ppo", "env_kwargs": {"no_such_option": 1}})
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rlfleet run bad failed:") and "no_such_option" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("rlfleet: error: run bad:") and "no_such_option" in lines[0]
     assert not (runner.run_dir("bad") / "manifest.json").exists()
     assert (runner.run_dir("bad") / "spec.json").exists()  # written first
     out = runner.run("bad2", {"kind": "train", "agent": "ppo", "env": "NoSuchEnv-v0"})
-    assert out.returncode != 0 and out.stderr.startswith("rlfleet run bad2 failed:") and "NoSuchEnv" in out.stderr
+    assert out.returncode != 0 and out.stderr.startswith("rlfleet: error: run bad2:") and "NoSuchEnv" in out.stderr
 
 
 def test_dqn_rejects_box_actions(runner) -> None:
