@@ -135,16 +135,17 @@ class PlayResult:
 
 
 def playbook(site: Site, workdir: Path, playbook: str, *extra: str, timeout: float = 900) -> PlayResult:
-    log = workdir / f"{Path(playbook).stem}-{int(time.time())}.log"
+    log = workdir / f"{Path(playbook).stem}-{time.strftime('%H%M%S')}.log"
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [str(VENV_BIN / "ansible-playbook"), "-i", str(site.inventory), "--vault-password-file",
-         str(site.vault_password_file), playbook, *extra],
-        cwd=ANSIBLE_DIR, env=clean_env(workdir), capture_output=True, text=True, timeout=timeout,
-    )
+    with log.open("w") as f:  # streamed, so a long converge can be followed with tail -f
+        proc = subprocess.run(
+            [str(VENV_BIN / "ansible-playbook"), "-i", str(site.inventory), "--vault-password-file",
+             str(site.vault_password_file), playbook, *extra],
+            cwd=ANSIBLE_DIR, env=clean_env(workdir), stdout=f, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout,
+        )
     seconds = time.monotonic() - t0
-    out = proc.stdout + proc.stderr
-    log.write_text(out)
+    out = log.read_text()
     recap: dict[str, dict[str, int]] = {}
     for m in re.finditer(r"^(\S+)\s+:\s+(ok=.*)$", out, re.M):
         recap[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
@@ -152,7 +153,7 @@ def playbook(site: Site, workdir: Path, playbook: str, *extra: str, timeout: flo
 
 
 if __name__ == "__main__":  # manual debugging aid
-    from throwaway import ThrowawayHost
+    from throwaway import ThrowawayHost  # run as a script: tests/onprem is on sys.path
 
     wd = Path(sys.argv[1])
     wd.mkdir(parents=True, exist_ok=True)

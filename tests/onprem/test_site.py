@@ -1,0 +1,245 @@
+"""site.yml applied for real to a throwaway Debian host, then checked from outside and inside.
+
+One session-scoped host (conftest.py). Tests run in file order: converge twice, look at the
+running host, submit a real training run through the SDK, then tear down.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlfleet.provisioners import ansible_site
+
+from .harness import HOST_ALIAS, playbook
+
+pytestmark = [pytest.mark.onprem, pytest.mark.slow]
+
+RAY_API = 8443
+METRICS = 9443
+
+
+def _testinfra(op) -> Any:
+    import testinfra
+
+    known = op.workdir / "known_hosts"
+    return testinfra.get_host(
+        f"ssh://root@{op.host.ip}",
+        ssh_identity_file=str(op.site.ssh_key),
+        ssh_extra_args=f"-o UserKnownHostsFile={known} -o StrictHostKeyChecking=accept-new -o BatchMode=yes "
+        "-o PasswordAuthentication=no -o ConnectTimeout=10",
+    )
+
+
+@pytest.fixture(scope="module")
+def node(onprem):
+    return _testinfra(onprem)
+
+
+@pytest.fixture(scope="module")
+def target(onprem):
+    # the target exactly as 'rlfleet target add onprem --inventory …' builds it; this machine reads
+    # the NAS directory through the container's root dir (NFS is not in this kernel)
+    return ansible_site.target_from(
+        "onprem-test",
+        inventory=str(onprem.site.inventory),
+        vault_password_file=str(onprem.site.vault_password_file),
+        client_artifact_root=f"file://{onprem.host.path('/mnt/rlfleet/rlfleet')}",
+        env_vars={"RLFLEET_METRICS_LINGER_S": "12"},
+    )
+
+
+def _ssl(op, *, client: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(op.site.pki_dir / "ca.crt"))
+    if client:
+        ctx.load_cert_chain(str(op.site.pki_dir / "clients/admin.crt"), str(op.site.pki_dir / "clients/admin.key"))
+    return ctx
+
+
+def _get(url: str, ctx: ssl.SSLContext, token: str | None = None, timeout: float = 10) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:  # noqa: S310 - test URL
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def _prom(node, query: str) -> list[dict[str, Any]]:
+    q = urllib.parse.quote(query, safe="")
+    out = node.check_output(f"curl -fsS 'http://127.0.0.1:9090/api/v1/query?query={q}'")
+    return json.loads(out)["data"]["result"]
+
+
+# -- converge -------------------------------------------------------------------------------------
+
+def test_first_converge_configures_a_cpu_node(onprem):
+    r = onprem.first
+    assert r.rc == 0 and r.failed == 0
+    assert r.changed > 20, r.recap  # a bare host really got configured
+    # no GPU here: the preflight says so and the host becomes a CPU node, never a failure
+    assert "no NVIDIA GPU found, configured as a CPU node" in r.output
+    assert "monitoring_grafana_install is false" in r.output
+
+
+def test_second_converge_through_sdk_changes_nothing(onprem, target):
+    lines: list[str] = []
+    t0 = time.monotonic()
+    assert ansible_site.up(target, echo=lines.append) == target
+    onprem.figures["second_converge_s"] = time.monotonic() - t0
+    recap = [ln for ln in lines if ln.startswith(f"{HOST_ALIAS}: ok=")]
+    assert recap, lines[-20:]
+    print(f"\n[onprem] second converge (ansible-runner) {onprem.figures['second_converge_s']:.0f} s: {recap[-1]}")
+    onprem.figures["second_changed"] = int(recap[-1].split("changed=")[1].split()[0])
+    assert " changed=0 " in recap[-1], recap[-1]
+    assert any("[1] " in ln for ln in lines)  # progress is shown task by task
+
+
+def test_gpu_required_fails_with_a_clear_message(onprem):
+    r = playbook(onprem.site, onprem.workdir, "playbooks/gpu.yml", "-e", "gpu_require=true")
+    assert r.rc != 0
+    assert f"{HOST_ALIAS} has no NVIDIA GPU on its PCI bus and gpu_require is true" in r.output.replace("\n", " ")
+
+
+# -- the running host -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "unit", ["rlfleet-ray-head", "nginx", "prometheus", "prometheus-node-exporter", "nftables", "ssh"]
+)
+def test_service_active_and_enabled(node, unit):
+    svc = node.service(unit)
+    assert svc.is_enabled, unit
+    assert node.run(f"systemctl is-active {unit}").stdout.strip() == "active", unit
+
+
+def test_ssh_is_key_only_and_secrets_are_owner_only(node):
+    conf = node.check_output("sshd -T")
+    assert "passwordauthentication no" in conf
+    assert "kbdinteractiveauthentication no" in conf
+    token = node.file("/etc/rlfleet/ray_token")
+    assert token.user == "rlfleet" and token.mode == 0o600
+    assert node.file("/etc/rlfleet/tls/node.key").mode == 0o600
+    assert not node.file("/etc/rlfleet/tls/ca.key").exists  # the CA key stays on the controller
+    unit = node.file("/etc/systemd/system/rlfleet-ray-head.service").content_string
+    assert "--num-gpus=0" in unit and "Restart=on-failure" in unit and "RAY_AUTH_MODE=token" in unit
+
+
+def test_listeners_are_loopback_or_behind_tls(node, onprem):
+    listen = node.check_output("ss -Hltn")
+    ip = onprem.host.ip
+    assert "127.0.0.1:9090 " in listen and "127.0.0.1:9100 " in listen and "127.0.0.1:8265 " in listen
+    assert f"{ip}:{RAY_API} " in listen and f"{ip}:{METRICS} " in listen
+    assert "0.0.0.0:9090 " not in listen and "0.0.0.0:8265 " not in listen and "0.0.0.0:80 " not in listen
+
+
+def test_prometheus_ready_and_all_targets_up(node):
+    assert "Ready" in node.check_output("curl -fsS http://127.0.0.1:9090/-/ready")
+    deadline = time.monotonic() + 90
+    while True:
+        data = json.loads(node.check_output("curl -fsS http://127.0.0.1:9090/api/v1/targets"))
+        active = data["data"]["activeTargets"]
+        health = {(t["labels"]["job"], t["scrapeUrl"]): t["health"] for t in active}
+        jobs = {job for job, _ in health}
+        if {"node", "ray", "prometheus"} <= jobs and all(h == "up" for h in health.values()):
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"Prometheus targets not all up after 90 s: {health} "
+                        f"{[t.get('lastError') for t in active]}")
+        time.sleep(3)
+    assert any(url.startswith("https://") and url.endswith("/ray/metrics") for _, url in health)
+    assert _prom(node, 'up{job="node"}')[0]["value"][1] == "1"
+
+
+def test_node_metrics_over_the_veth_need_a_client_certificate(onprem):
+    url = f"https://{onprem.host.ip}:{METRICS}/node/metrics"
+    status, body = _get(url, _ssl(onprem, client=True))
+    assert status == 200 and "node_cpu_seconds_total" in body
+    status, body = _get(url, _ssl(onprem, client=False))
+    assert status == 400 and "No required SSL certificate" in body
+
+
+def test_firewall_drops_ports_it_does_not_allow(onprem, node):
+    ip = onprem.host.ip
+    # Ray's GCS listens on the routable address (token auth), but only cluster hosts may reach it
+    assert f"{ip}:6379 " in node.check_output("ss -Hltn")
+    for port in (6379, 8080, 22222):
+        with pytest.raises((TimeoutError, socket.timeout)):  # dropped: no RST, no answer
+            socket.create_connection((ip, port), timeout=3).close()
+    socket.create_connection((ip, RAY_API), timeout=3).close()  # an admin port answers
+    counters = node.check_output("nft list chain inet rlfleet input")
+    assert "policy drop" in counters
+
+
+def test_ray_api_needs_tls_and_the_token(onprem):
+    ctx = _ssl(onprem, client=False)
+    url = f"https://{onprem.host.ip}:{RAY_API}/api/jobs/"
+    assert _get(url, ctx)[0] == 401
+    assert _get(url, ctx, token="wrong-" + onprem.site.token)[0] == 403
+    status, body = _get(url, ctx, token=onprem.site.token)
+    assert status == 200 and isinstance(json.loads(body), list)
+    # a client that does not trust the cluster CA cannot even connect
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        _get(url, ssl.create_default_context(), token=onprem.site.token)
+
+
+# -- a real run through the SDK -------------------------------------------------------------------
+
+def test_submit_run_trains_and_lands_on_the_nas(onprem, target, node):
+    from rlfleet import RunSpec, RunStatus, submit_run
+
+    spec = RunSpec(kind="train", agent="ppo", env="CartPole-v1", seed=1, budget={"steps": 4096},
+                   name="onprem-smoke")
+    t0 = time.monotonic()
+    run = submit_run(spec, target=target)
+    status = run.wait(timeout=300)
+    onprem.figures["train_run_s"] = time.monotonic() - t0
+    assert status == RunStatus.SUCCEEDED, run.logs()[-3000:]
+    arts = run.artifacts()
+    manifest = arts.verify()
+    assert {"spec.json", "metrics.jsonl", "policy.onnx"} <= set(manifest.files)
+    # on the host, under the NAS mount path, owned by the service user
+    run_dir = f"/mnt/rlfleet/rlfleet/runs/{run.run_id}"
+    assert node.file(f"{run_dir}/manifest.json").is_file
+    assert node.file(run_dir).user == "rlfleet"
+    onprem.figures["run_id"] = run.run_id  # type: ignore[assignment]
+
+
+def test_prometheus_scraped_the_runs_episode_return(onprem, node):
+    run_id = onprem.figures.get("run_id")
+    assert run_id, "the training run did not complete"
+    query = f'ray_rlfleet_episode_return{{run_id="{run_id}"}}'
+    deadline = time.monotonic() + 60
+    while not (result := _prom(node, f"last_over_time({query}[10m])")):
+        if time.monotonic() > deadline:
+            pytest.fail(f"Prometheus has no {query}")
+        time.sleep(3)
+    labels = result[0]["metric"]
+    assert labels["kind"] == "train" and labels["target"] == "onprem-test"
+    assert float(result[0]["value"][1]) > 0
+
+
+# -- teardown -------------------------------------------------------------------------------------
+
+def test_teardown_removes_the_runtime_and_keeps_the_data(onprem, target, node):
+    plan = ansible_site.plan_destroy(target, delete_data=False)
+    assert any("kept: artifact data" in p for p in plan)
+    t0 = time.monotonic()
+    ansible_site.destroy(target, delete_data=False, echo=lambda _: None)
+    onprem.figures["teardown_s"] = time.monotonic() - t0
+    assert ansible_site.scan_leftovers(target) == []
+    assert not node.file("/opt/rlfleet").exists
+    assert node.run("systemctl is-active rlfleet-ray-head").stdout.strip() != "active"
+    run_id = onprem.figures["run_id"]
+    assert Path(onprem.host.path(f"/mnt/rlfleet/rlfleet/runs/{run_id}/manifest.json")).is_file()
+    # idempotent: tearing down a torn-down host is fine
+    ansible_site.destroy(target, delete_data=False, echo=lambda _: None)
+    print(f"\n[onprem] figures: {json.dumps(onprem.figures, default=str)}")
