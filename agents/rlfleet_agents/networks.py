@@ -45,6 +45,14 @@ class ObsNormalizer(nn.Module):
         return torch.clamp((x - self.mean) / torch.sqrt(self.var + 1e-8), -self.clip, self.clip)
 
 
+class Tanh(nn.Module):
+    """tanh as 2*sigmoid(2x) - 1: the same function, but on this CPU torch's tanh kernel costs ~65 us
+    on a 256x64 batch against ~14 us for sigmoid (measured), and the update is mostly activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(2.0 * x) - 1.0
+
+
 def mlp(sizes: list[int], act: type[nn.Module], out_gain: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -66,8 +74,8 @@ class ActorCritic(nn.Module):
         self.discrete = info.action_kind == "discrete"
         d = info.obs_dim
         self.norm = ObsNormalizer(d, normalize_obs)
-        self.critic = mlp([d, *hidden, 1], nn.Tanh, 1.0)
-        self.actor = mlp([d, *hidden, info.n_actions], nn.Tanh, 0.01)
+        self.critic = mlp([d, *hidden, 1], Tanh, 1.0)
+        self.actor = mlp([d, *hidden, info.n_actions], Tanh, 0.01)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((info.n_actions,), float(init_log_std)))
             self.register_buffer("act_low", torch.tensor(info.action_low, dtype=torch.float32))
@@ -97,17 +105,74 @@ class ActorCritic(nn.Module):
         return action, logp, value
 
     def evaluate_actions(
-        self, obs: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, obs: torch.Tensor, actions: torch.Tensor, entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         out, value = self.heads(obs)
+        ent: torch.Tensor | None = None
         if self.discrete:
             logp_all = torch.log_softmax(out, -1)
             logp = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            if entropy:
+                ent = -(logp_all.exp() * logp_all).sum(-1)
         else:
             logp = _normal_logp(actions, out, self.log_std)
-            entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(obs.shape[0])
-        return logp, entropy, value
+            if entropy:
+                ent = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(obs.shape[0])
+        return logp, ent, value
+
+
+class NumpyActorCritic:
+    """A numpy copy of an ActorCritic's weights for the rollout: a small MLP forward in numpy
+    is several times cheaper than torch eager at rollout batch sizes (measured: notes). Sampling
+    uses the same distributions as ``ActorCritic.sample``; the update recomputes log-probs in
+    torch, so any float difference only shows up as a ratio of ~1 +- 1e-6."""
+
+    def __init__(self, model: ActorCritic, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.discrete = model.discrete
+        with torch.no_grad():
+            self.norm = model.norm.enabled
+            self.mean = model.norm.mean.cpu().numpy().astype(np.float32)
+            self.inv_std = (1.0 / torch.sqrt(model.norm.var + 1e-8)).cpu().numpy().astype(np.float32)
+            self.clip = model.norm.clip
+            self.actor = [(m.weight.cpu().numpy().T.copy(), m.bias.cpu().numpy().copy())
+                          for m in model.actor if isinstance(m, nn.Linear)]
+            self.critic = [(m.weight.cpu().numpy().T.copy(), m.bias.cpu().numpy().copy())
+                           for m in model.critic if isinstance(m, nn.Linear)]
+            if not self.discrete:
+                self.log_std = model.log_std.cpu().numpy().astype(np.float32)
+                self.std = np.exp(self.log_std)
+
+    @staticmethod
+    def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+        for i, (w, b) in enumerate(layers):
+            x = x @ w + b
+            if i < len(layers) - 1:
+                np.tanh(x, out=x)
+        return x
+
+    def sample(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = obs.reshape(obs.shape[0], -1).astype(np.float32, copy=False)
+        if self.norm:
+            x = np.clip((x - self.mean) * self.inv_std, -self.clip, self.clip)
+        out = self._mlp(self.actor, x)
+        value = self._mlp(self.critic, x)[:, 0]
+        if self.discrete:
+            z = out - out.max(-1, keepdims=True)
+            logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            u = np.clip(self.rng.random(logp_all.shape, dtype=np.float32), 1e-10, 1.0)
+            action = np.argmax(logp_all - np.log(-np.log(u)), -1)
+            logp = np.take_along_axis(logp_all, action[:, None], -1)[:, 0]
+        else:
+            action = (out + self.std * self.rng.standard_normal(out.shape, dtype=np.float32)).astype(np.float32)
+            logp = (-((action - out) ** 2) / (2 * self.std**2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return action, logp.astype(np.float32), value.astype(np.float32)
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        x = obs.reshape(obs.shape[0], -1).astype(np.float32, copy=False)
+        if self.norm:
+            x = np.clip((x - self.mean) * self.inv_std, -self.clip, self.clip)
+        return self._mlp(self.critic, x)[:, 0]
 
 
 def _normal_logp(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

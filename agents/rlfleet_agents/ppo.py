@@ -16,7 +16,7 @@ from torch import nn
 
 from rlfleet_agents.configs import PPOConfig
 from rlfleet_agents.envs import EpisodeTracker, make_vec_env, vec_space_info
-from rlfleet_agents.networks import ActorCritic, DeterministicPolicy
+from rlfleet_agents.networks import ActorCritic, DeterministicPolicy, NumpyActorCritic
 
 
 class RewardScaler:
@@ -56,7 +56,7 @@ class PPO:
         self.envs = make_vec_env(env_id, cfg.num_envs, env_kwargs, mode=cfg.vectorization)
         self.info = vec_space_info(self.envs, env_id)
         self.model = ActorCritic(self.info, cfg.hidden_sizes, cfg.normalize_obs, cfg.init_log_std).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5, foreach=True)
         self.obs, _ = self.envs.reset(seed=seed)
         self.tracker = EpisodeTracker(cfg.num_envs)
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.normalize_reward else None
@@ -91,23 +91,20 @@ class PPO:
         term_buf = np.zeros((T, N), dtype=np.float32)
         done_buf = np.zeros((T, N), dtype=np.float32)
         valid_buf = np.zeros((T, N), dtype=bool)
-        model = self.model
+        fast = NumpyActorCritic(self.model, self.rng)  # weights are fixed during a rollout
         for t in range(T):
             obs_buf[t] = self.obs
-            with torch.no_grad():
-                action, logp, value = model.sample(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device))
-            a = action.cpu().numpy()
+            a, logp, value = fast.sample(self.obs)
             env_a = np.clip(a, self._low, self._high) if self.info.action_kind == "box" else a
             self.obs, reward, term, trunc, _ = self.envs.step(env_a)
             valid = self.tracker.step(reward, term, trunc)
             done = (term | trunc) & valid
             if self.reward_scaler is not None:
                 reward = self.reward_scaler(reward, done)
-            act_buf[t], logp_buf[t], val_buf[t] = a, logp.cpu().numpy(), value.cpu().numpy()
+            act_buf[t], logp_buf[t], val_buf[t] = a, logp, value
             rew_buf[t], term_buf[t], done_buf[t], valid_buf[t] = reward, term & valid, done, valid
         self.global_step += int(valid_buf.sum())
-        with torch.no_grad():
-            next_value = model.value(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)).cpu().numpy()
+        next_value = fast.value(self.obs)
         return {"obs": obs_buf, "actions": act_buf, "logp": logp_buf, "values": val_buf,
                 "rewards": rew_buf, "terms": term_buf, "dones": done_buf, "valid": valid_buf,
                 "next_value": next_value}
@@ -135,43 +132,58 @@ class PPO:
         ret_all = torch.as_tensor(returns[valid], device=dev)
         n = obs.shape[0]
         mb = max(1, n // cfg.num_minibatches)
-        pg_l = v_l = ent_l = kl = clipfrac = 0.0
+        want_entropy = cfg.ent_coef != 0.0
+        stats: dict[str, float] = {}
+        pg_sum = v_sum = 0.0
         updates = 0
-        for _ in range(cfg.update_epochs):
+        for epoch in range(cfg.update_epochs):
+            # shuffle once per epoch, then slice contiguous minibatches (cheaper than fancy-indexing each)
             perm = torch.randperm(n, device=dev)
+            e_obs, e_act, e_logp, e_val = obs[perm], actions[perm], old_logp[perm], old_values[perm]
+            e_adv, e_ret = adv_all[perm], ret_all[perm]
+            stop_early = False
             for start in range(0, n - mb + 1, mb):
-                idx = perm[start : start + mb]
-                logp, entropy, value = self.model.evaluate_actions(obs[idx], actions[idx])
-                log_ratio = logp - old_logp[idx]
+                sl = slice(start, start + mb)
+                logp, entropy, value = self.model.evaluate_actions(e_obs[sl], e_act[sl], entropy=want_entropy)
+                log_ratio = logp - e_logp[sl]
                 ratio = log_ratio.exp()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - log_ratio).mean()
-                    clipfrac += ((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item()
-                adv = adv_all[idx]
-                if cfg.norm_adv and adv.numel() > 1:
+                adv = e_adv[sl]
+                if cfg.norm_adv and mb > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
                 pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
                 if cfg.clip_vloss:
-                    v_clipped = old_values[idx] + (value - old_values[idx]).clamp(-cfg.clip_coef, cfg.clip_coef)
-                    v_loss = 0.5 * torch.max((value - ret_all[idx]) ** 2, (v_clipped - ret_all[idx]) ** 2).mean()
+                    v_clipped = e_val[sl] + (value - e_val[sl]).clamp(-cfg.clip_coef, cfg.clip_coef)
+                    v_loss = 0.5 * torch.max((value - e_ret[sl]) ** 2, (v_clipped - e_ret[sl]) ** 2).mean()
                 else:
-                    v_loss = 0.5 * ((value - ret_all[idx]) ** 2).mean()
-                ent = entropy.mean()
-                loss = pg_loss - cfg.ent_coef * ent + cfg.vf_coef * v_loss
+                    v_loss = 0.5 * ((value - e_ret[sl]) ** 2).mean()
+                loss = pg_loss + cfg.vf_coef * v_loss
+                if want_entropy:
+                    loss = loss - cfg.ent_coef * entropy.mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm, foreach=True)
                 self.optimizer.step()
-                pg_l += pg_loss.item()
-                v_l += v_loss.item()
-                ent_l += ent.item()
-                kl = approx_kl.item()
                 updates += 1
-            if cfg.target_kl is not None and kl > cfg.target_kl:
+                last = epoch == cfg.update_epochs - 1 and start + 2 * mb > n
+                if cfg.target_kl is not None or last:
+                    with torch.no_grad():
+                        kl = float(((ratio - 1) - log_ratio).mean())
+                        stats = {"approx_kl": kl,
+                                 "clip_fraction": float(((ratio - 1.0).abs() > cfg.clip_coef).float().mean())}
+                    if cfg.target_kl is not None and kl > cfg.target_kl:
+                        stop_early = True
+                pg_sum += float(pg_loss.detach())
+                v_sum += float(v_loss.detach())
+                if stop_early:
+                    break
+            if stop_early:
                 break
         u = max(1, updates)
-        return {"loss_policy": pg_l / u, "loss_value": v_l / u, "entropy": ent_l / u,
-                "approx_kl": kl, "clip_fraction": clipfrac / u}
+        with torch.no_grad():
+            _, ent, _ = self.model.evaluate_actions(obs[:mb], actions[:mb], entropy=True)
+        return {"loss_policy": pg_sum / u, "loss_value": v_sum / u, "entropy": float(ent.mean()),
+                "approx_kl": stats.get("approx_kl", 0.0), "clip_fraction": stats.get("clip_fraction", 0.0),
+                "updates": float(updates)}
 
     # -- policy, checkpoint -----------------------------------------------------------------
     def policy(self) -> DeterministicPolicy:

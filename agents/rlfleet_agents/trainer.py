@@ -119,7 +119,15 @@ def train(
                 res.best_eval, res.best_step = ev, algo.global_step
                 best_model = copy.deepcopy(algo.model).cpu()
             if cfg.stop_at_return is not None and ev["mean"] >= cfg.stop_at_return and res.solved_step is None:
-                res.solved_step, res.solved_time_s = algo.global_step, entry["time"]
+                # confirm on twice as many fresh episodes before stopping: the exported policy
+                # must stay solved on seeds it was not selected on
+                t1 = time.monotonic()
+                conf = evaluate(torch_act_fn(algo.policy(), algo.device), algo.env_id, 2 * cfg.eval_episodes,
+                                seed=algo.seed + 500_009 + 7 * len(res.evals), env_kwargs=env_kwargs)
+                eval_time += time.monotonic() - t1
+                entry["confirm_mean"] = conf["mean"]
+                if conf["mean"] >= cfg.stop_at_return:
+                    res.solved_step, res.solved_time_s = algo.global_step, entry["time"]
         if on_row is not None:
             on_row(row)
         if res.solved_step is not None:

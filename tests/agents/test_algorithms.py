@@ -20,11 +20,11 @@ def _random_baseline(env_id: str, episodes: int = 10) -> float:
 
 def test_ppo_solves_cartpole_within_budget() -> None:
     algo = make_algorithm("ppo", "CartPole-v1", None, seed=0,
-                          overrides={"eval_every": 10_000, "stop_at_return": 475}, budget_steps=80_000)
+                          overrides={"eval_every": 10_000, "stop_at_return": 475}, budget_steps=100_000)
     res = train(algo, total_steps=algo.total_steps)
     algo.close()
     assert res.stopped_by == "solved", res.evals
-    assert res.solved_step is not None and res.solved_step <= 80_000
+    assert res.solved_step is not None and res.solved_step <= 100_000
     # the reported policy is the solved one: re-evaluate it on other seeds
     again = evaluate(torch_act_fn(res.policy, algo.device), "CartPole-v1", 10, seed=123)
     assert again["mean"] >= 475, again

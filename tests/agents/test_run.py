@@ -32,7 +32,11 @@ def test_ppo_train_run_artifacts(trained_root) -> None:
     m = run.verify()
     assert {"spec.json", "metrics.jsonl", "policy.onnx", "policy.pt", "checkpoints/latest.json"} <= set(m.files)
     ex = m.extra
-    assert ex["stopped_by"] == "solved" and ex["final_eval"]["mean"] >= 475
+    assert ex["stopped_by"] == "solved"
+    solving = next(e for e in ex["evals"] if e["step"] == ex["solved_step"])
+    assert solving["mean"] >= 475 and solving["confirm_mean"] >= 475  # the protocol, then confirmed
+    assert ex["policy_step"] == ex["solved_step"]  # the exported policy is the one that solved
+    assert ex["final_eval"]["mean"] >= 450  # ONNX policy, 10 more fresh seeds
     assert ex["parity"]["max_abs_diff"] <= 1e-5 and ex["parity"]["action_mismatches"] == 0
     assert ex["device"] == "cpu" and ex["wall_time_s"] > 0 and ex["env_steps"] == ex["solved_step"]
     rows = list(run.iter_metrics())
@@ -81,7 +85,7 @@ def test_kill_and_resume_continues_from_checkpoint(runner) -> None:
     m = run.manifest()
     assert m.extra["resumed_from"] == {"run_id": "victim", "step": ckpt_step}
     first = next(run.iter_metrics())
-    assert ckpt_step < first["step"] <= ckpt_step + 16 * 64  # one rollout after the checkpoint, not from 0
+    assert ckpt_step < first["step"] <= ckpt_step + 32 * 64  # one rollout after the checkpoint, not from 0
     assert m.extra["env_steps"] >= ckpt_step + 3_000
     # optimizer state carried over: Adam's step count continues
     import io
@@ -120,7 +124,7 @@ def test_eval_run_and_compare(trained_root) -> None:
     assert out.returncode == 0, out.stderr
     ev = open_run(r.uri, "ev").read_json("eval.json")
     assert ev["episodes"] == 12 and len(ev["returns"]) == 12 and len(ev["lengths"]) == 12
-    assert ev["mean"] >= 475 and ev["min"] <= ev["mean"] <= ev["max"]
+    assert ev["mean"] >= 450 and ev["min"] <= ev["mean"] <= ev["max"]
     src_manifest = r.manifest("ppo-cp")
     assert ev["policy_sha256"] == src_manifest["files"]["policy.onnx"]["sha256"]
     assert ev["compare"]["run_id"] == "rnd-base" and ev["compare"]["better"] is True
