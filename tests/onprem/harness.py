@@ -1,7 +1,7 @@
 """Inventory for a throwaway host, and ansible-playbook runs under a clean environment.
 
 Used by the pytest fixtures and runnable by hand for debugging:
-    .venv/bin/python tests/onprem/harness.py /tmp/onprem-debug   (boots, converges, keeps it up
+    PYTHONPATH=sdk:agents .venv/bin/python -m tests.onprem.harness /tmp/onprem-debug   (boots, converges, keeps it up
     until Enter is pressed, then cleans up)
 """
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .throwaway import PIP_CACHE_INSIDE
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
@@ -60,6 +62,8 @@ def write_site(host, workdir: Path, *, wheels: list[Path]) -> Site:
     (inv / "hosts.ini").write_text(
         "[ray_head]\n"
         f"{HOST_ALIAS} ansible_connection=community.docker.nsenter ansible_nsenter_pid={host.pid1} "
+        # nsenter runs commands with the controller's HOME; keep the module tmp dir inside the host
+        "ansible_remote_tmp=/var/tmp/ansible-rlfleet "
         f"ansible_python_interpreter=/usr/bin/python3 ansible_become=false rlfleet_address={host.ip}\n\n"
         "[ray_workers]\n\n"
         "[monitoring]\n"
@@ -77,6 +81,7 @@ def write_site(host, workdir: Path, *, wheels: list[Path]) -> Site:
         "ray_runtime_local_wheels": [str(w) for w in wheels] + torch,
         "ray_runtime_packages": (["torch==2.13.0+cpu"] if torch else [])
         + ["ray[default]==2.60.0", "rlfleet[agents]==0.1.0"],
+        "ray_runtime_pip_cache_dir": PIP_CACHE_INSIDE,  # bind-mounted host cache (throwaway.py)
         "monitoring_scrape_interval": "5s",
         # no registry reachable here ships Grafana: provisioning is written, the package is not
         "monitoring_grafana_install": False,
@@ -153,7 +158,7 @@ def playbook(site: Site, workdir: Path, playbook: str, *extra: str, timeout: flo
 
 
 if __name__ == "__main__":  # manual debugging aid
-    from throwaway import ThrowawayHost  # run as a script: tests/onprem is on sys.path
+    from tests.onprem.throwaway import ThrowawayHost
 
     wd = Path(sys.argv[1])
     wd.mkdir(parents=True, exist_ok=True)

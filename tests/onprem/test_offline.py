@@ -41,7 +41,8 @@ def rendered(tmp_path_factory) -> Path:
         ray_head
         ray_workers
         """))
-    r = _run([str(VENV_BIN / "ansible-playbook"), "-i", str(wd / "hosts.ini"), str(Path(__file__).parent / "offline.yml"),
+    playbook = str(Path(__file__).parent / "offline.yml")
+    r = _run([str(VENV_BIN / "ansible-playbook"), "-i", str(wd / "hosts.ini"), playbook,
               "-e", f"out_dir={out}", "-e", f"nas_client_mount_path={wd / 'mnt/rlfleet'}"],
              cwd=ANSIBLE_DIR, env=clean_env(wd))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -97,6 +98,21 @@ def test_prometheus_config_and_alert_rules_pass_promtool(rendered):
 
 def test_alerts_fire_on_synthetic_series(rendered, tmp_path):
     """promtool's rule unit tests: node down, GPU idle and disk nearly full really fire."""
+    node_down = {
+        "summary": "Node n1 (a:9443) does not answer",
+        "description": "node_exporter on this node has not been scraped for 2m: the host is down, its TLS "
+        "front is stopped or the firewall blocks the monitoring host.",
+    }
+    gpu_idle = {
+        "summary": "GPU 0 on n1 is idle",
+        "description": "Average utilisation below 5% over 30m: a run holds a GPU it does not use, or the "
+        "node could be released.",
+    }
+    disk = {
+        "summary": "/ on n1 is nearly full",
+        "description": "Less than 10% free: prune old runs (rlfleet cleanup) or grow the volume.",
+    }
+    fs = {"node": "n1", "mountpoint": "/", "fstype": "ext4"}
     tests = {
         "rule_files": [str(rendered / "rlfleet-alerts.yml")],
         "evaluation_interval": "1m",
@@ -109,24 +125,15 @@ def test_alerts_fire_on_synthetic_series(rendered, tmp_path):
                 {"series": 'node_filesystem_size_bytes{node="n1",mountpoint="/",fstype="ext4"}', "values": "100x30"},
             ],
             "alert_rule_test": [
-                {"eval_time": "5m", "alertname": "RlfleetNodeDown",
-                 "exp_alerts": [{"exp_labels": {"severity": "critical", "job": "node", "node": "n1", "instance": "a:9443"},
-                                 "exp_annotations": {
-                                     "summary": "Node n1 (a:9443) does not answer",
-                                     "description": "node_exporter on this node has not been scraped for 2m: the host is "
-                                     "down, its TLS front is stopped or the firewall blocks the monitoring host."}}]},
+                {"eval_time": "5m", "alertname": "RlfleetNodeDown", "exp_alerts": [{
+                    "exp_labels": {"severity": "critical", "job": "node", "node": "n1", "instance": "a:9443"},
+                    "exp_annotations": node_down}]},
                 {"eval_time": "1m", "alertname": "RlfleetNodeDown", "exp_alerts": []},
-                {"eval_time": "40m", "alertname": "RlfleetGpuIdle",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning", "node": "n1", "gpu": "0"},
-                                 "exp_annotations": {
-                                     "summary": "GPU 0 on n1 is idle",
-                                     "description": "Average utilisation below 5% over 30m: a run holds a GPU it does "
-                                     "not use, or the node could be released."}}]},
-                {"eval_time": "20m", "alertname": "RlfleetDiskNearlyFull",
-                 "exp_alerts": [{"exp_labels": {"severity": "warning", "node": "n1", "mountpoint": "/", "fstype": "ext4"},
-                                 "exp_annotations": {
-                                     "summary": "/ on n1 is nearly full",
-                                     "description": "Less than 10% free: prune old runs (rlfleet cleanup) or grow the volume."}}]},
+                {"eval_time": "40m", "alertname": "RlfleetGpuIdle", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "node": "n1", "gpu": "0"},
+                    "exp_annotations": gpu_idle}]},
+                {"eval_time": "20m", "alertname": "RlfleetDiskNearlyFull", "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", **fs}, "exp_annotations": disk}]},
             ],
         }],
     }
