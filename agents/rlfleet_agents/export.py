@@ -42,7 +42,7 @@ def export_onnx(policy: DeterministicPolicy, info: SpaceInfo, meta: dict[str, An
         torch.onnx.export(
             policy,
             (dummy,),
-            buf,
+            buf,  # type: ignore[arg-type]  # BytesIO works (documented), the stub says path
             input_names=["obs"],
             output_names=["action", "raw"],
             opset_version=OPSET,
@@ -64,14 +64,14 @@ def sample_observations(info: SpaceInfo, n: int, seed: int, extra: np.ndarray | 
     lo = np.asarray(info.obs_low, dtype=np.float64)
     hi = np.asarray(info.obs_high, dtype=np.float64)
     finite = np.isfinite(lo) & np.isfinite(hi) & ((hi - lo) < 1e6)
-    x = rng.normal(0.0, 2.0, size=(n, info.obs_dim))
+    x: np.ndarray = rng.normal(0.0, 2.0, size=(n, info.obs_dim))
     u = rng.uniform(size=(n, info.obs_dim))
     lo_f, hi_f = np.where(finite, lo, 0.0), np.where(finite, hi, 1.0)
     x[:, finite] = (lo_f + u * (hi_f - lo_f))[:, finite]
-    x = x.astype(np.float32).reshape(n, *info.obs_shape)
+    out = x.astype(np.float32).reshape(n, *info.obs_shape)
     if extra is not None and len(extra):
-        x = np.concatenate([np.asarray(extra, dtype=np.float32).reshape(-1, *info.obs_shape), x])
-    return x
+        out = np.concatenate([np.asarray(extra, dtype=np.float32).reshape(-1, *info.obs_shape), out])
+    return out
 
 
 def check_parity(policy: DeterministicPolicy, onnx_bytes: bytes, obs: np.ndarray) -> dict[str, Any]:

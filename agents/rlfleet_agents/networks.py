@@ -4,6 +4,7 @@ deterministic "exportable" policy modules that go to ONNX."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,10 @@ from rlfleet_agents.envs import SpaceInfo
 class ObsNormalizer(nn.Module):
     """Running mean/variance (Welford over batches); part of every policy module, so the
     exported ONNX graph normalizes exactly like training did. Identity when disabled."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, shape: int, enabled: bool, clip: float = 10.0) -> None:
         super().__init__()
@@ -68,6 +73,9 @@ def mlp(sizes: list[int], act: type[nn.Module], out_gain: float) -> nn.Sequentia
 
 class ActorCritic(nn.Module):
     """Separate actor and critic MLPs (tanh), CleanRL-style initialization."""
+
+    act_low: torch.Tensor
+    act_high: torch.Tensor
 
     def __init__(self, info: SpaceInfo, hidden: list[int], normalize_obs: bool, init_log_std: float = 0.0):
         super().__init__()
@@ -196,7 +204,7 @@ class DeterministicPolicy(nn.Module):
 
     def __init__(self, model: nn.Module, kind: str):
         super().__init__()
-        self.model = model
+        self.model: Any = model
         self.kind = kind
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

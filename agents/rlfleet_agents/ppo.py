@@ -157,7 +157,7 @@ class PPO:
                 else:
                     v_loss = 0.5 * ((value - e_ret[sl]) ** 2).mean()
                 loss = pg_loss + cfg.vf_coef * v_loss
-                if want_entropy:
+                if want_entropy and entropy is not None:
                     loss = loss - cfg.ent_coef * entropy.mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -181,7 +181,8 @@ class PPO:
         u = max(1, updates)
         with torch.no_grad():
             _, ent, _ = self.model.evaluate_actions(obs[:mb], actions[:mb], entropy=True)
-        return {"loss_policy": pg_sum / u, "loss_value": v_sum / u, "entropy": float(ent.mean()),
+        entropy_mean = float(ent.mean()) if ent is not None else 0.0
+        return {"loss_policy": pg_sum / u, "loss_value": v_sum / u, "entropy": entropy_mean,
                 "approx_kl": stats.get("approx_kl", 0.0), "clip_fraction": stats.get("clip_fraction", 0.0),
                 "updates": float(updates)}
 
