@@ -337,11 +337,8 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
 def local_status() -> dict[str, Any]:
     st = read_state()
     target = local_target()
-    up = (
-        bool(st) and _alive(st.get("holder_pid") or 0) and _healthy(target)
-        if st.get("isolation") != "none"
-        else bool(st) and _healthy(target)
-    )
+    holder_ok = st.get("isolation") == "none" or _alive(st.get("holder_pid"))
+    up = bool(st) and holder_ok and _healthy(target)
     return {
         "running": bool(up),
         "ray_address": target.ray_address if st else None,

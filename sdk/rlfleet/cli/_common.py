@@ -26,7 +26,10 @@ def print_json(obj: Any) -> None:
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # piped output: do not fold ids and URIs at 80 columns
+    width = None if stream.isatty() else 200
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
