@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import PlayResult, Site, build_wheel, playbook, write_site
+from .harness import PlayResult, Site, build_wheel, playbook, switch_to_ssh, write_site
 from .throwaway import ThrowawayHost
 
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "ip", "zstd", "tar", "ssh", "ssh-keygen")
@@ -57,6 +57,7 @@ def onprem() -> Iterator[Onprem]:
         if first.rc != 0:
             pytest.fail(f"first converge of site.yml failed (rc={first.rc}); log tail:\n{first.output[-4000:]}",
                         pytrace=False)
+        switch_to_ssh(site, host, workdir)
         yield Onprem(host=host, site=site, workdir=workdir, first=first, figures=figures)
     finally:
         t0 = time.monotonic()

@@ -38,6 +38,7 @@ class Site:
     grafana_password: str
     pki_dir: Path
     wheels: list[Path] = field(default_factory=list)
+    known_hosts: Path | None = None
 
 
 def build_wheel(out: Path) -> Path:
@@ -98,6 +99,24 @@ def write_site(host, workdir: Path, *, wheels: list[Path]) -> Site:
                    check=True, capture_output=True, text=True, timeout=60, env=clean_env(workdir))
     return Site(inventory=inv, vault_password_file=pw, ssh_key=key, token=token, grafana_password=grafana,
                 pki_dir=inv / "pki", wheels=wheels)
+
+
+def switch_to_ssh(site: Site, host, workdir: Path) -> None:
+    """After the first converge the host runs key-only sshd: from now on Ansible (and testinfra)
+    connect over SSH on the veth like to a real server, host key pinned from the container's
+    root (no trust on first use), with pipelining."""
+    pub = host.path("/etc/ssh/ssh_host_ed25519_key.pub").read_text().split()
+    known = workdir / "known_hosts"
+    known.write_text(f"{host.ip} {pub[0]} {pub[1]}\n")
+    site.known_hosts = known
+    hosts = site.inventory / "hosts.ini"
+    old = f"ansible_connection=community.docker.nsenter ansible_nsenter_pid={host.pid1} "
+    text = hosts.read_text()
+    assert old in text
+    hosts.write_text(text.replace(old, (
+        f"ansible_connection=ssh ansible_host={host.ip} ansible_user=root "
+        f"ansible_ssh_private_key_file={site.ssh_key} "
+        f"ansible_ssh_common_args='-o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes' ")))
 
 
 def clean_env(workdir: Path) -> dict[str, str]:

@@ -255,6 +255,7 @@ class PlaybookResult:
     stats: dict[str, dict[str, int]]  # host -> {ok, changed, failed, unreachable, skipped}
     failures: list[str]
     messages: dict[str, list[Any]]    # task name -> debug msgs (for leftovers)
+    changed_tasks: list[str] = field(default_factory=list)  # "host: task" that reported a change
 
     @property
     def changed(self) -> int:
@@ -283,6 +284,7 @@ def run_playbook(target: Target, playbook: str, *, extravars: dict[str, Any] | N
     counters = {"tasks": 0}
     failures: list[str] = []
     messages: dict[str, list[Any]] = {}
+    changed: list[str] = []
 
     def on_event(ev: dict[str, Any]) -> bool:
         kind = ev.get("event")
@@ -299,6 +301,9 @@ def run_playbook(target: Target, playbook: str, *, extravars: dict[str, Any] | N
             echo(f"  FAILED {failures[-1]}")
         elif kind == "runner_on_ok":
             res = data.get("res") or {}
+            if res.get("changed"):
+                changed.append(f"{data.get('host')}: {data.get('task')}")
+                echo(f"  changed {changed[-1]}")
             if "msg" in res and data.get("task_action") in ("debug", "ansible.builtin.debug"):
                 messages.setdefault(str(data.get("task")), []).append((data.get("host"), res["msg"]))
         return True
@@ -332,7 +337,7 @@ def run_playbook(target: Target, playbook: str, *, extravars: dict[str, Any] | N
             echo(f"{host}: ok={s.get('ok', 0)} changed={s.get('changed', 0)} "
                  f"failed={s.get('failed', 0)} unreachable={s.get('unreachable', 0)}")
         result = PlaybookResult(playbook=playbook, rc=int(r.rc), status=str(r.status), seconds=seconds,
-                                stats=stats, failures=failures, messages=messages)
+                                stats=stats, failures=failures, messages=messages, changed_tasks=changed)
         if r.rc != 0:
             keep = True
             detail = "; ".join(failures[-3:]) or f"status {r.status}"
