@@ -140,7 +140,7 @@ CONFIGS: dict[str, type] = {"ppo": PPOConfig, "dqn": DQNConfig}
 ENV_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "ppo": {
         "CartPole-v1": {"num_envs": 32, "num_steps": 64, "learning_rate": 2.5e-3, "gamma": 0.99,
-                        "gae_lambda": 0.95, "update_epochs": 4, "num_minibatches": 4,
+                        "gae_lambda": 0.95, "update_epochs": 4, "num_minibatches": 4, "target_kl": 0.015,
                         "total_steps": 150_000},
         "Acrobot-v1": {"num_envs": 16, "num_steps": 64, "learning_rate": 1e-3, "normalize_obs": True,
                        "total_steps": 200_000},
