@@ -67,10 +67,11 @@ def main() -> int:
             )
         )
 
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
+        # Ray reads its auth settings when it is imported
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = target.token_source.split(":", 1)[1]
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
         ray_client = JobSubmissionClient(target.ray_address)
 
         def ours() -> tuple[float, float]:
