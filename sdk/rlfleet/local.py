@@ -315,23 +315,53 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
     temp_dir = st.get("temp_dir") or _ray_temp_dir()
     if not quiet:
         say("stopping the local Ray head ...")
-    if st.get("isolation") == "none" or _alive(holder):
-        prefix = _nsenter(holder) if holder and _alive(holder) else []
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run(
-                [*prefix, _ray_bin(), "stop", "--force"],
-                env=_ray_env(temp_dir),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=120,
-            )
+    _stop_cluster_processes(temp_dir, holder)
     _kill(st.get("forwarder_pid"))
     _kill(holder)
     with contextlib.suppress(FileNotFoundError):
         _state_file().unlink()
     shutil.rmtree(temp_dir, ignore_errors=True)
     return True
+
+
+def _cluster_pids(temp_dir: str, holder: int | None) -> list[int]:
+    """Processes of THIS cluster only: inside its network namespace, or carrying its RAY_TMPDIR.
+
+    ``ray stop`` would kill every Ray process of the user on the machine (other clusters too),
+    so the local target stops exactly its own.
+    """
+    netns = None
+    if holder and _alive(holder):
+        with contextlib.suppress(OSError):
+            netns = os.readlink(f"/proc/{holder}/ns/net")
+    marker = f"RAY_TMPDIR={temp_dir}".encode()
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (me, holder):
+            continue
+        pid = int(entry)
+        try:
+            if netns is not None and os.readlink(f"/proc/{pid}/ns/net") == netns:
+                pids.append(pid)
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def _stop_cluster_processes(temp_dir: str, holder: int | None, grace_s: float = 10.0) -> None:
+    pids = _cluster_pids(temp_dir, holder)
+    for pid in pids:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        _kill(pid, signal.SIGKILL)
 
 
 def local_status() -> dict[str, Any]:

@@ -262,3 +262,20 @@ def test_cli_round_trip(local_cluster) -> None:
     assert res.returncode == 0 and "nothing to do" in res.stdout
     res = cli("wait", rid, "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["status"] == "SUCCEEDED"
+
+
+def test_local_down_stops_only_its_own_cluster(local_cluster, tmp_path, monkeypatch) -> None:
+    """Two users' (or two homes') local heads on one machine: stopping one leaves the other serving."""
+    from rlfleet.local import _cluster_pids, _healthy, ensure_local_up, local_down, read_state
+    from rlfleet.provisioners import local as local_prov
+
+    monkeypatch.setenv("RLFLEET_HOME", str(tmp_path / "other-home"))
+    other = ensure_local_up(num_cpus=1)
+    st = read_state()
+    assert other.ray_address != local_cluster.ray_address
+    assert _cluster_pids(st["temp_dir"], st["holder_pid"])
+    assert local_down() is True
+    assert local_prov.scan_leftovers(other) == []
+    assert local_down() is False  # idempotent
+    monkeypatch.undo()
+    assert _healthy(local_cluster), "stopping one local head must not touch another"

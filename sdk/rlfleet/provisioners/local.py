@@ -48,11 +48,10 @@ def plan_destroy(target: Target, *, delete_data: bool) -> list[str]:
 
 
 def scan_leftovers(target: Target) -> list[str]:
-    """Anything of the local head still alive after destroy."""
+    """Anything of the local head still alive or on disk after destroy."""
     import os
-    import subprocess
 
-    from rlfleet.local import _ray_temp_dir, read_state
+    from rlfleet.local import _cluster_pids, _ray_temp_dir, read_state
 
     left = []
     if read_state():
@@ -60,6 +59,5 @@ def scan_leftovers(target: Target) -> list[str]:
     temp = _ray_temp_dir()
     if os.path.exists(temp):
         left.append(f"Ray temp dir {temp}")
-    out = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True)
-    left += [f"process {pid}" for pid in out.stdout.split()]
+    left += [f"Ray process {pid}" for pid in _cluster_pids(temp, None)]
     return left
