@@ -236,6 +236,12 @@ def _open_source(ctx: RunContext, what: str) -> RunArtifacts:
     if "policy.onnx" not in src.manifest().files:
         raise RunError(f"cannot {what} run {src.run_id}: it has no policy.onnx "
                        "(only ppo and dqn train runs export a policy)")
+    if os.environ.get("RLFLEET_ENV_FROM_SOURCE") == "1":
+        # the submitter could not read the store: take the env the source trained on
+        src_spec = RunSpec.from_dict(src.read_json("spec.json"))
+        ctx.spec = ctx.spec.with_changes(env=src_spec.env, env_kwargs=src_spec.env_kwargs)
+        assert ctx.arts is not None
+        ctx.arts.write_text("spec.json", ctx.spec.to_json())
     return src
 
 
@@ -263,9 +269,9 @@ def run_eval(ctx: RunContext, start: float) -> int:
     from rlfleet_agents.evaluate import evaluate
     from rlfleet_agents.policy import OnnxPolicy
 
+    src = _open_source(ctx, "evaluate")
     spec, arts = ctx.spec, ctx.arts
     assert arts is not None
-    src = _open_source(ctx, "evaluate")
     onnx_bytes = src.read_bytes("policy.onnx")
     policy = OnnxPolicy(onnx_bytes)
     probe = make_env(spec.env, spec.env_kwargs)
@@ -319,9 +325,9 @@ def run_deploy(ctx: RunContext, start: float) -> int:
     from rlfleet_agents.policy import OnnxPolicy
     from rlfleet_agents.serve import PolicyApp, bind_socket, serve_forever
 
+    src = _open_source(ctx, "deploy")
     spec, arts = ctx.spec, ctx.arts
     assert arts is not None
-    src = _open_source(ctx, "deploy")
     token = read_serve_token()
     policy = OnnxPolicy(src.read_bytes("policy.onnx"))
     name = spec.deploy.name or spec.name or src.run_id.lower()

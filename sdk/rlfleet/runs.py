@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +267,15 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     )
     if spec.source:
         _check_source(tgt, spec.source, spec.kind)
+        if "env" not in spec.model_fields_set:
+            # eval/deploy default to the env the source run trained on
+            src_spec = _source_spec(tgt, spec.source)
+            if src_spec is not None:
+                code = spec.code or (src_spec.code if src_spec.code and os.path.isdir(src_spec.code) else None)
+                spec = spec.with_changes(env=src_spec.env, env_kwargs=src_spec.env_kwargs, code=code)
+                env_vars["RLFLEET_SPEC"] = spec.to_json()
+            else:  # the store is not readable from here: the run takes it from the source itself
+                env_vars["RLFLEET_ENV_FROM_SOURCE"] = "1"
         env_vars["RLFLEET_SOURCE_URI"] = run_uri(tgt, spec.source)
     if spec.resume_from:
         env_vars["RLFLEET_RESUME_URI"] = run_uri(tgt, spec.resume_from)
@@ -301,6 +311,21 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def _source_spec(tgt: Target, source: str) -> RunSpec | None:
+    """The source run's spec, if this machine can read the target's artifact store."""
+    from rlfleet.artifacts import ArtifactStore, open_run
+
+    try:
+        if "://" in source:
+            arts = open_run(source, storage_options=tgt.storage_options, retries=1)
+        else:
+            store = ArtifactStore(tgt.reader_artifact_root, storage_options=tgt.storage_options, retries=1)
+            arts = store.run(source)
+        return RunSpec.from_dict(json.loads(arts.read_bytes("spec.json", allow_incomplete=True)))
+    except (RlfleetError, ValueError, OSError):
+        return None
 
 
 def _check_source(tgt: Target, source: str, kind: Kind) -> None:

@@ -195,3 +195,10 @@ def test_custom_env_module_trains(runner, tmp_path: Path) -> None:
     # not importable from elsewhere: clear message
     out = runner.run("custom2", spec)
     assert out.returncode != 0 and "cannot import module 'my_corridor'" in out.stderr
+    # an eval that names no env takes the source run's env and env_kwargs (submitter could not read the store)
+    out = runner.run("custom-ev", {"kind": "eval", "source": "custom", "eval": {"episodes": 3}}, cwd=code,
+                     RLFLEET_SOURCE_URI=runner.src("custom"), RLFLEET_ENV_FROM_SOURCE="1")
+    assert out.returncode == 0, out.stderr
+    ev_spec = json.loads((runner.run_dir("custom-ev") / "spec.json").read_text())
+    assert ev_spec["env"] == "my_corridor:Corridor-v0" and ev_spec["env_kwargs"] == {"length": 8}
+    assert runner.manifest("custom-ev")["files"]["spec.json"]

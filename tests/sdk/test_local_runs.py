@@ -202,6 +202,11 @@ def test_custom_env_shipped_with_code(local_cluster, tmp_path) -> None:
     files = run.artifacts().verify().files
     assert "policy.onnx" in files
     assert run.metrics()[-1]["step"] >= 4096
+    # eval names no env: it takes the source's env, env_kwargs and (still on this machine) its code
+    ev = submit_run(RunSpec(kind="eval", source=run.run_id, eval={"episodes": 3}))
+    assert ev.wait(timeout=300) is RunStatus.SUCCEEDED, ev.failure_reason()
+    assert ev.spec.env == "corridor_env:Corridor-v0" and ev.spec.env_kwargs == {"length": 4}
+    assert ev.artifacts().read_json("eval.json")["episodes"] == 3
 
 
 def test_failed_run_exits_nonzero_with_reason(local_cluster, tmp_path) -> None:
