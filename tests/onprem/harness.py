@@ -18,8 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from .throwaway import PIP_CACHE_INSIDE
-
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 VENV_BIN = Path(sys.executable).parent
@@ -82,7 +80,6 @@ def write_site(host, workdir: Path, *, wheels: list[Path]) -> Site:
         "ray_runtime_local_wheels": [str(w) for w in wheels] + torch,
         "ray_runtime_packages": (["torch==2.13.0+cpu"] if torch else [])
         + ["ray[default]==2.60.0", "rlfleet[agents]==0.1.0"],
-        "ray_runtime_pip_cache_dir": PIP_CACHE_INSIDE,  # bind-mounted host cache (throwaway.py)
         "monitoring_scrape_interval": "5s",
         # no registry reachable here ships Grafana: provisioning is written, the package is not
         "monitoring_grafana_install": False,

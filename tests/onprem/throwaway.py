@@ -28,10 +28,8 @@ CACHE_DIR = Path(os.environ.get("RLFLEET_TEST_CACHE", "/var/cache/rlfleet-test")
 MIRROR = os.environ.get("RLFLEET_TEST_MIRROR", "http://deb.debian.org/debian")
 INCLUDE = "python3,python3-apt,systemd,systemd-sysv,dbus,iproute2,ca-certificates,curl"
 TARBALL = CACHE_DIR / "bookworm-minbase-v1.tar.zst"
-# Download caches shared by every throwaway host (bind-mounted): repeated runs fetch less.
+# apt's download cache, shared by every throwaway host (bind-mounted): repeated runs fetch less.
 APT_CACHE = CACHE_DIR / "apt-archives"
-PIP_CACHE = CACHE_DIR / "pip"
-PIP_CACHE_INSIDE = "/var/cache/rlfleet-pip"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -140,11 +138,10 @@ class ThrowawayHost:
         log = (self.workdir / "nspawn.log").open("w")
         (APT_CACHE / "partial").mkdir(parents=True, exist_ok=True)
         os.chown(APT_CACHE / "partial", 42, 65534)  # Debian's _apt user downloads into partial/
-        PIP_CACHE.mkdir(parents=True, exist_ok=True)
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--boot", "--network-veth", "--register=no", "--keep-unit",
              "--console=passive", f"--bind={APT_CACHE}:/var/cache/apt/archives",
-             f"--bind={PIP_CACHE}:{PIP_CACHE_INSIDE}", "-M", self.name, "-D", str(self.root)],
+             "-M", self.name, "-D", str(self.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_LOG_LEVEL": "warning"},
         )
