@@ -253,6 +253,17 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
 
         tgt = ensure_local_up()
     client = _client(tgt)
+    env_from_source = False
+    if spec.source:
+        _check_source(tgt, spec.source, spec.kind)
+        if "env" not in spec.model_fields_set:
+            # eval/deploy default to the env the source run trained on
+            src_spec = _source_spec(tgt, spec.source)
+            if src_spec is None:
+                env_from_source = True
+            else:
+                code = spec.code or (src_spec.code if src_spec.code and os.path.isdir(src_spec.code) else None)
+                spec = spec.with_changes(env=src_spec.env, env_kwargs=src_spec.env_kwargs, code=code)
     run_id = new_run_id()
     env_vars = dict(tgt.env_vars)
     env_vars.update(
@@ -266,17 +277,9 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
         }
     )
     if spec.source:
-        _check_source(tgt, spec.source, spec.kind)
-        if "env" not in spec.model_fields_set:
-            # eval/deploy default to the env the source run trained on
-            src_spec = _source_spec(tgt, spec.source)
-            if src_spec is not None:
-                code = spec.code or (src_spec.code if src_spec.code and os.path.isdir(src_spec.code) else None)
-                spec = spec.with_changes(env=src_spec.env, env_kwargs=src_spec.env_kwargs, code=code)
-                env_vars["RLFLEET_SPEC"] = spec.to_json()
-            else:  # the store is not readable from here: the run takes it from the source itself
-                env_vars["RLFLEET_ENV_FROM_SOURCE"] = "1"
         env_vars["RLFLEET_SOURCE_URI"] = run_uri(tgt, spec.source)
+        if env_from_source:  # the store is not readable from here: the run takes it from the source
+            env_vars["RLFLEET_ENV_FROM_SOURCE"] = "1"
     if spec.resume_from:
         env_vars["RLFLEET_RESUME_URI"] = run_uri(tgt, spec.resume_from)
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
