@@ -297,6 +297,9 @@ def run_playbook(target: Target, playbook: str, *, extravars: dict[str, Any] | N
         elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
             res = data.get("res") or {}
             msg = res.get("msg") or res.get("stderr") or "failed"
+            items = [r for r in res.get("results") or [] if isinstance(r, dict) and r.get("msg")]
+            if items:  # a loop: "All items completed" says nothing, the first item's message does
+                msg = items[0]["msg"]
             failures.append(f"{data.get('host')}: {data.get('task')}: {str(msg).strip()[:500]}")
             echo(f"  FAILED {failures[-1]}")
         elif kind == "runner_on_ok":
