@@ -43,7 +43,13 @@ class JobsClient:
         self.timeout = timeout
         self._ctx: ssl.SSLContext | None = None
         if self.address.startswith("https://"):
-            self._ctx = ssl.create_default_context(cafile=ca_cert) if ca_cert else ssl.create_default_context()
+            if ca_cert and not os.path.isfile(os.path.expanduser(ca_cert)):
+                raise ConfigError(
+                    f"target {target_name!r}: its CA certificate {ca_cert} does not exist yet "
+                    f"(it is created by 'rlfleet up {target_name}'; or re-add the target with --ca-cert)"
+                )
+            # a pinned CA replaces the system trust store (create_default_context loads only cafile)
+            self._ctx = ssl.create_default_context(cafile=os.path.expanduser(ca_cert) if ca_cert else None)
 
     def __repr__(self) -> str:  # never show the token
         return f"JobsClient({self.address!r}, target={self.target_name!r})"

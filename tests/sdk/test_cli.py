@@ -135,3 +135,15 @@ def test_unreachable_and_wrong_token_targets(tmp_path: Path) -> None:
 def test_artifacts_of_unknown_run(tmp_path: Path) -> None:
     res = cli("artifacts", "rl-nope", env={"RLFLEET_HOME": str(tmp_path)})
     assert res.returncode == 6 and "rl-nope has no artifacts" in res.stderr
+
+
+def test_https_target_with_missing_ca_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t")
+    token.chmod(0o600)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    res = cli("target", "add", "ray", "--name", "tls", "--address", "https://127.0.0.1:9", "--token-file", str(token),
+              "--artifact-root", f"file://{tmp_path}/art", "--ca-cert", str(tmp_path / "ca.crt"), env=env)
+    assert res.returncode == 0, res.stderr
+    res = cli("runs", "--target", "tls", env=env)
+    assert res.returncode == 2 and "CA certificate" in res.stderr and "does not exist yet" in res.stderr
