@@ -41,7 +41,7 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup
-	$(BIN)/python bench/bench_cli_startup.py
+	$(BIN)/python bench/bench_sdk.py
 	$(BIN)/python bench/bench_agents.py
 	$(BIN)/python bench/bench_inference.py
 	$(BIN)/python bench/bench_serving.py
