@@ -348,14 +348,14 @@ def _check_source(tgt: Target, source: str, kind: Kind) -> None:
 
 
 def get_run(run_id: str, target: str | Target | None = None) -> Run:
-    tgt = _running_target(target)
+    tgt = get_target(target)
     info = _client(tgt).get(run_id)
     return Run(run_id, tgt, info=info)
 
 
 def list_runs(target: str | Target | None = None) -> list[Run]:
     """rlfleet runs on the target's cluster, newest first."""
-    tgt = _running_target(target)
+    tgt = get_target(target)
     jobs = _client(tgt).list()
     runs = [
         Run(j["submission_id"], tgt, info=j)
@@ -363,7 +363,3 @@ def list_runs(target: str | Target | None = None) -> list[Run]:
         if (j.get("metadata") or {}).get(META_PREFIX + "run_id") and j.get("submission_id")
     ]
     return sorted(runs, key=lambda r: r.run_id, reverse=True)
-
-
-def _running_target(target: str | Target | None) -> Target:
-    return get_target(target)

@@ -256,13 +256,10 @@ def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bo
 
     run = get_run(run_id, target)
     try:
-        status = (
-            run.wait(timeout)
-            if as_json
-            else _wait_with_progress(run, quiet=False)
-            if timeout is None
-            else run.wait(timeout)
-        )
+        if as_json or timeout is not None:
+            status = run.wait(timeout)
+        else:
+            status = _wait_with_progress(run, quiet=False)
     except TimeoutError as err:
         raise RlfleetError(str(err)) from None
     if as_json:
