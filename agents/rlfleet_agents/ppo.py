@@ -56,12 +56,13 @@ class PPO:
         self.envs = make_vec_env(env_id, cfg.num_envs, env_kwargs, mode=cfg.vectorization)
         self.info = vec_space_info(self.envs, env_id)
         self.model = ActorCritic(self.info, cfg.hidden_sizes, cfg.normalize_obs, cfg.init_log_std).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5, foreach=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True)
         self.obs, _ = self.envs.reset(seed=seed)
         self.tracker = EpisodeTracker(cfg.num_envs)
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.normalize_reward else None
         self.global_step = 0
         self.iteration = 0
+        self.clip_coef = cfg.clip_coef
         if self.info.action_kind == "box":
             self._low = np.asarray(self.info.action_low, dtype=np.float32)
             self._high = np.asarray(self.info.action_high, dtype=np.float32)
@@ -69,9 +70,10 @@ class PPO:
     # -- one iteration ----------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:
         cfg = self.cfg
+        frac = max(0.0, 1.0 - self.global_step / max(1, self.total_steps))
         if cfg.anneal_lr:
-            frac = max(0.0, 1.0 - self.global_step / max(1, self.total_steps))
             self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
+        self.clip_coef = frac * cfg.clip_coef if cfg.anneal_clip else cfg.clip_coef
         batch = self.collect_rollout()
         advantages, returns = self.compute_advantages(batch)
         stats = self.update(batch, advantages, returns)
@@ -133,6 +135,7 @@ class PPO:
         n = obs.shape[0]
         mb = max(1, n // cfg.num_minibatches)
         want_entropy = cfg.ent_coef != 0.0
+        clip = self.clip_coef
         stats: dict[str, float] = {}
         pg_sum = v_sum = 0.0
         updates = 0
@@ -150,9 +153,9 @@ class PPO:
                 adv = e_adv[sl]
                 if cfg.norm_adv and mb > 1:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
                 if cfg.clip_vloss:
-                    v_clipped = e_val[sl] + (value - e_val[sl]).clamp(-cfg.clip_coef, cfg.clip_coef)
+                    v_clipped = e_val[sl] + (value - e_val[sl]).clamp(-clip, clip)
                     v_loss = 0.5 * torch.max((value - e_ret[sl]) ** 2, (v_clipped - e_ret[sl]) ** 2).mean()
                 else:
                     v_loss = 0.5 * ((value - e_ret[sl]) ** 2).mean()
@@ -169,7 +172,7 @@ class PPO:
                     with torch.no_grad():
                         kl = float(((ratio - 1) - log_ratio).mean())
                         stats = {"approx_kl": kl,
-                                 "clip_fraction": float(((ratio - 1.0).abs() > cfg.clip_coef).float().mean())}
+                                 "clip_fraction": float(((ratio - 1.0).abs() > clip).float().mean())}
                     if cfg.target_kl is not None and kl > cfg.target_kl:
                         stop_early = True
                 pg_sum += float(pg_loss.detach())
