@@ -3,6 +3,7 @@ messages for inventories it cannot use. Real ansible-inventory / ansible-vault, 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -116,3 +117,24 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": f"{REPO / 'sdk'}:{REPO / 'agents'}"})
     assert out.stdout.strip() == "False"
+
+
+def test_cli_target_add_onprem_with_vault_password_file(tmp_path):
+    """`rlfleet target add onprem --inventory … --vault-password-file …`: the token comes out of the vault."""
+    inv = _inventory(tmp_path, """\
+        [ray_head]
+        h1 rlfleet_address=10.9.0.1
+        [rlfleet:children]
+        ray_head
+        """, vault={"vault_ray_token": "v" * 40})
+    env = {**clean_env(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "RLFLEET_HOME": str(tmp_path / "home")}
+    env.pop("ANSIBLE_VAULT_PASSWORD_FILE", None)
+    res = subprocess.run([str(VENV_BIN / "rlfleet"), "target", "add", "onprem", "--name", "lab", "--inventory",
+                          str(inv), "--vault-password-file", str(tmp_path / "vault-pass"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "onprem" and doc["ray_address"].startswith("https://10.9.0.1:")
+    assert Path(doc["token_source"].removeprefix("file:")).read_text().strip() == "v" * 40
+    assert "v" * 40 not in (tmp_path / "cfg/rlfleet/targets.yaml").read_text()

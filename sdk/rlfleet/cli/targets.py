@@ -55,6 +55,8 @@ def show_cmd(name: str, as_json: bool) -> None:
     help="aws/gcp: saved 'pulumi stack output --json --show-secrets'.",
 )
 @click.option("--inventory", type=click.Path(exists=True), help="onprem: Ansible inventory (dir or file).")
+@click.option("--vault-password-file", type=click.Path(exists=True, dir_okay=False),
+              help="onprem: ansible-vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE).")
 @click.option("--address", help="ray: the Ray dashboard / Jobs API URL.")
 @click.option("--token-file", type=click.Path(), help="ray/onprem: file holding the Ray token (mode 0600).")
 @click.option("--artifact-root", help="ray: artifact root URI as the cluster sees it.")
@@ -67,6 +69,7 @@ def add_cmd(
     stack: str | None,
     outputs_file: str | None,
     inventory: str | None,
+    vault_password_file: str | None,
     address: str | None,
     token_file: str | None,
     artifact_root: str | None,
@@ -106,6 +109,7 @@ def add_cmd(
                 "outputs_file": outputs_file,
                 "inventory": inventory,
                 "token_file": token_file,
+                "vault_password_file": vault_password_file,
                 "client_artifact_root": client_artifact_root,
                 "ca_cert": ca_cert,
             }.items()
