@@ -15,7 +15,27 @@ from typing import Any
 
 
 @dataclass
-class PPOConfig:
+class LoopConfig:
+    """What every built-in training loop shares: evaluation, stopping, envs, device, checkpoints."""
+
+    eval_episodes: int = 10
+    """Episodes per in-training evaluation (fresh seeds, deterministic actions)."""
+    stop_at_return: float | None = None
+    """Stop training at the first in-training evaluation whose mean return reaches this."""
+    vectorization: str = "auto"
+    """'auto' (native numpy-vectorized env if it has one, else sync), 'native', 'sync' or 'async'."""
+    device: str = "auto"
+    """'auto' (CUDA when available and the run reserves a GPU), 'cpu' or 'cuda'."""
+    torch_threads: int = 1
+    """torch intra-op threads (a small MLP is as fast on 1 thread as on 2)."""
+    checkpoint_every_steps: int = 50_000
+    """Write a checkpoint every N env steps (0: only at the end)."""
+    checkpoint_every_minutes: float = 5.0
+    """... and at least every N minutes (0: no time trigger)."""
+
+
+@dataclass
+class PPOConfig(LoopConfig):
     """Proximal Policy Optimization (clipped objective, GAE), discrete or Box actions."""
 
     num_envs: int = 16
@@ -61,26 +81,12 @@ class PPOConfig:
     """Continuous actions: initial log standard deviation of the Gaussian policy."""
     eval_every: int = 0
     """Evaluate the deterministic policy every N env steps (0: never; runs then export the last policy)."""
-    eval_episodes: int = 10
-    """Episodes per in-training evaluation (fresh seeds, deterministic actions)."""
-    stop_at_return: float | None = None
-    """Stop training at the first in-training evaluation whose mean return reaches this."""
-    vectorization: str = "auto"
-    """'auto' (native numpy-vectorized env if it has one, else sync), 'native', 'sync' or 'async'."""
-    device: str = "auto"
-    """'auto' (CUDA when available and the run reserves a GPU), 'cpu' or 'cuda'."""
-    torch_threads: int = 1
-    """torch intra-op threads (a small MLP is as fast on 1 thread as on 2)."""
-    checkpoint_every_steps: int = 50_000
-    """Write a checkpoint every N env steps (0: only at the end)."""
-    checkpoint_every_minutes: float = 5.0
-    """... and at least every N minutes (0: no time trigger)."""
     total_steps: int = 200_000
     """Step budget when the run's budget.steps is not set."""
 
 
 @dataclass
-class DQNConfig:
+class DQNConfig(LoopConfig):
     """Deep Q-Network (double-DQN target, Huber loss, linear epsilon decay); discrete actions."""
 
     num_envs: int = 4
@@ -119,20 +125,6 @@ class DQNConfig:
     """Running mean/std observation normalization (updated during the first 10% of the budget)."""
     eval_every: int = 0
     """Evaluate the greedy policy every N env steps (0: never)."""
-    eval_episodes: int = 10
-    """Episodes per in-training evaluation."""
-    stop_at_return: float | None = None
-    """Stop training at the first evaluation whose mean return reaches this."""
-    vectorization: str = "auto"
-    """'auto', 'native', 'sync' or 'async' (see PPOConfig)."""
-    device: str = "auto"
-    """'auto', 'cpu' or 'cuda'."""
-    torch_threads: int = 1
-    """torch intra-op threads."""
-    checkpoint_every_steps: int = 50_000
-    """Write a checkpoint every N env steps (0: only at the end)."""
-    checkpoint_every_minutes: float = 5.0
-    """... and at least every N minutes (0: no time trigger)."""
     total_steps: int = 100_000
     """Step budget when the run's budget.steps is not set."""
 

@@ -15,8 +15,9 @@ def test_defaults_documented_and_env_tuned() -> None:
     import inspect
 
     for cls in (PPOConfig, DQNConfig):
-        src = inspect.getsource(cls)
+        sources = [inspect.getsource(c) for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]
         for name in cls.__dataclass_fields__:
+            src = next(s for s in sources if f"    {name}:" in s)  # the class that declares it
             after = src.split(f"    {name}:", 1)[1].splitlines()[1].strip()
             assert after.startswith('"""'), f"{cls.__name__}.{name} has no docstring"
 
