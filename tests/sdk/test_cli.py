@@ -147,3 +147,22 @@ def test_https_target_with_missing_ca_file(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     res = cli("runs", "--target", "tls", env=env)
     assert res.returncode == 2 and "CA certificate" in res.stderr and "does not exist yet" in res.stderr
+
+
+def test_runs_without_a_running_local_head_lists_the_artifact_store(tmp_path: Path) -> None:
+    from rlfleet.artifacts import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "home"))
+    done = store.run("rl-20260101-000000-aaaaaa")
+    done.write_json("spec.json", {"kind": "train", "name": "old-run"})
+    done.commit(extra={"wall_time_s": 12.5, "gpu_hours": 0.0})
+    half = store.run("rl-20260102-000000-bbbbbb")
+    half.write_json("spec.json", {"kind": "train", "name": "killed"})
+    env = {"RLFLEET_HOME": str(tmp_path / "home")}
+    res = cli("runs", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "local Ray head is not running" in res.stderr
+    assert "old-run" in res.stdout and "complete" in res.stdout and "INCOMPLETE" in res.stdout
+    docs = json.loads(cli("runs", "--json", env=env).stdout)
+    assert [(d["run_id"], d["complete"], d["wall_time_s"]) for d in docs] == [
+        ("rl-20260102-000000-bbbbbb", False, None), ("rl-20260101-000000-aaaaaa", True, 12.5)]

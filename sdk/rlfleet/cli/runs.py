@@ -183,22 +183,28 @@ def _print_run(info: dict[str, Any]) -> None:
 @click.command("runs")
 @target_option
 @click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--stored", is_flag=True, help="List the runs in the target's artifact store (no cluster needed).")
 @json_option
-def runs_cmd(target: str | None, limit: int, as_json: bool) -> None:
+def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> None:
     """List runs on a target, newest first (with wall time and GPU-hours)."""
-    from rlfleet.errors import ClusterUnreachable
+    from rlfleet.errors import AuthError, ClusterUnreachable
     from rlfleet.runs import list_runs
     from rlfleet.targets import get_target
 
     tgt = get_target(target)
-    try:
-        runs = list_runs(tgt)[:limit]
-    except ClusterUnreachable:
-        if tgt.kind != "local":
-            raise
-        runs = []  # the local head is not running: nothing is running there
-        if not as_json:
-            click.echo("the local Ray head is not running (start it with 'rlfleet local up')", err=True)
+    if not stored:
+        try:
+            runs = list_runs(tgt)[:limit]
+        except (ClusterUnreachable, AuthError):
+            if tgt.kind != "local":
+                raise
+            stored = True  # the local head is not running: show what its artifact store holds
+            if not as_json:
+                click.echo("the local Ray head is not running (start it with 'rlfleet local up'); "
+                           "runs in its artifact store:", err=True)
+    if stored:
+        _print_stored_runs(tgt, limit, as_json)
+        return
     infos = [r.info(refresh=False) for r in runs]
     if as_json:
         print_json(infos)
@@ -210,6 +216,37 @@ def runs_cmd(target: str | None, limit: int, as_json: bool) -> None:
             for i in infos
         ],
         title=f"runs on {tgt.name}",
+    )
+
+
+def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
+    """Runs as the artifact store records them: committed (manifest.json) or incomplete."""
+    from rlfleet.errors import ArtifactError
+
+    store = tgt.store()
+    docs = []
+    for run_id in sorted(store.list_run_ids(), reverse=True)[:limit]:
+        arts = store.run(run_id)
+        doc: dict[str, Any] = {"run_id": run_id, "artifact_uri": arts.uri, "complete": arts.is_complete()}
+        try:
+            spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
+            doc.update(kind=spec.get("kind"), name=spec.get("name"))
+        except (ArtifactError, ValueError):
+            doc.update(kind=None, name=None)
+        extra = arts.manifest().extra if doc["complete"] else {}
+        doc.update(wall_time_s=extra.get("wall_time_s"), gpu_hours=extra.get("gpu_hours"))
+        docs.append(doc)
+    if as_json:
+        print_json(docs)
+        return
+    table(
+        ["run_id", "kind", "name", "artifacts", "wall s", "GPU-h"],
+        [
+            [d["run_id"], d["kind"], d["name"], "complete" if d["complete"] else "INCOMPLETE", d["wall_time_s"],
+             d["gpu_hours"]]
+            for d in docs
+        ],
+        title=f"runs stored under {store.root_uri}",
     )
 
 
