@@ -158,7 +158,6 @@ class ArtifactStore:
             if attempt < self.retries:
                 time.sleep(delay)
                 delay *= 2
-            self._fs = None if isinstance(last, ConnectionError) else self._fs
         took = time.monotonic() - start
         raise StoreUnavailable(
             f"artifact store {self.root_uri} failed to {what} after {self.retries} attempts "
@@ -241,10 +240,6 @@ class RunArtifacts:
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-    def put_file(self, rel: str, local_path: str) -> None:
-        with open(local_path, "rb") as f:
-            self.write_bytes(rel, f.read())
 
     def delete_file(self, rel: str) -> None:
         path = self._p(rel)

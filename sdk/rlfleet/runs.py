@@ -255,10 +255,9 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     client = _client(tgt)
     env_from_source = False
     if spec.source:
-        _check_source(tgt, spec.source, spec.kind)
+        src_spec = _read_source(tgt, spec.source, spec.kind)
         if "env" not in spec.model_fields_set:
             # eval/deploy default to the env the source run trained on
-            src_spec = _source_spec(tgt, spec.source)
             if src_spec is None:
                 env_from_source = True
             else:
@@ -316,35 +315,39 @@ def _user() -> str:
         return "unknown"
 
 
-def _source_spec(tgt: Target, source: str) -> RunSpec | None:
-    """The source run's spec, if this machine can read the target's artifact store."""
+def _read_source(tgt: Target, source: str, kind: Kind) -> RunSpec | None:
+    """The eval/deploy source's spec, read once from the store if this machine can see it.
+
+    Where the store is a local directory the answer is definite, so a missing or incomplete
+    source is refused here, before submitting. Elsewhere (s3, gs, a NAS mounted only on the
+    cluster) an unreadable store is not an error: the run itself checks its source.
+    """
     from rlfleet.artifacts import ArtifactStore, open_run
 
+    definite = "://" not in source and tgt.reader_artifact_root.startswith("file://")
     try:
         if "://" in source:
             arts = open_run(source, storage_options=tgt.storage_options, retries=1)
         else:
             store = ArtifactStore(tgt.reader_artifact_root, storage_options=tgt.storage_options, retries=1)
             arts = store.run(source)
-        return RunSpec.from_dict(json.loads(arts.read_bytes("spec.json", allow_incomplete=True)))
-    except (RlfleetError, ValueError, OSError):
+        complete = arts.is_complete()
+        raw = arts.read_bytes("spec.json", allow_incomplete=True) if complete or arts.exists("spec.json") else None
+    except (RlfleetError, OSError):
         return None
-
-
-def _check_source(tgt: Target, source: str, kind: Kind) -> None:
-    """Refuse an eval/deploy of an incomplete run before submitting, when we can see the store."""
-    if "://" in source or not tgt.reader_artifact_root.startswith("file://"):
-        return
-    arts = tgt.store().run(source)
-    if not arts.exists("spec.json") and not arts.is_complete():
+    if definite and raw is None and not complete:
         raise IncompleteRunError(
             f"source: no run {source!r} under {tgt.reader_artifact_root}/runs (check the id with 'rlfleet runs')"
         )
-    if not arts.is_complete():
+    if definite and not complete:
         raise IncompleteRunError(
             f"source: run {source!r} is incomplete (no manifest.json: it failed, was cancelled or is "
             f"still running); a {kind.value} run needs a finished train run"
         )
+    try:
+        return RunSpec.from_dict(json.loads(raw)) if raw is not None else None
+    except (RlfleetError, ValueError):
+        return None
 
 
 def get_run(run_id: str, target: str | Target | None = None) -> Run:

@@ -246,12 +246,8 @@ def format_validation_error(err: ValidationError) -> str:
             msg = f"{msg} (got {e.get('input')!r})"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
-        if msg.startswith(f"{loc}:"):
-            parts.append(msg)
-        elif loc == "spec" or (e["type"] == "value_error" and ":" in msg.split(" ")[0]):
-            parts.append(msg)
-        else:
-            parts.append(f"{loc}: {msg}")
+        # model-level checks already name their field ("source: ..."); field errors get their path
+        parts.append(msg if loc == "spec" else f"{loc}: {msg}")
     return "invalid run spec: " + "; ".join(parts)
 
 

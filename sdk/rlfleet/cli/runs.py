@@ -221,20 +221,23 @@ def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> Non
 
 def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
     """Runs as the artifact store records them: committed (manifest.json) or incomplete."""
-    from rlfleet.errors import ArtifactError
+    from rlfleet.errors import ArtifactError, IncompleteRunError
 
     store = tgt.store()
     docs = []
     for run_id in sorted(store.list_run_ids(), reverse=True)[:limit]:
         arts = store.run(run_id)
-        doc: dict[str, Any] = {"run_id": run_id, "artifact_uri": arts.uri, "complete": arts.is_complete()}
+        try:
+            extra: dict[str, Any] | None = arts.manifest().extra
+        except IncompleteRunError:
+            extra = None
+        doc: dict[str, Any] = {"run_id": run_id, "artifact_uri": arts.uri, "complete": extra is not None}
         try:
             spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
             doc.update(kind=spec.get("kind"), name=spec.get("name"))
         except (ArtifactError, ValueError):
             doc.update(kind=None, name=None)
-        extra = arts.manifest().extra if doc["complete"] else {}
-        doc.update(wall_time_s=extra.get("wall_time_s"), gpu_hours=extra.get("gpu_hours"))
+        doc.update(wall_time_s=(extra or {}).get("wall_time_s"), gpu_hours=(extra or {}).get("gpu_hours"))
         docs.append(doc)
     if as_json:
         print_json(docs)
