@@ -5,6 +5,8 @@
 - ``gcs_emulator``: a real GCS emulator -> its endpoint URL (STORAGE_EMULATOR_HOST is set).
 - ``ray_local``: the embedded local target's Ray head (token auth, private network namespace),
   shared by every test that needs a cluster; see tests/sdk/conftest.py.
+- ``onprem``: the one throwaway on-prem host of the test run (tests/onprem/session.py), shared by
+  tests/onprem and tests/conformance; registered here only, so both get the same host.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from onprem.session import onprem  # noqa: F401 - the session fixture, registered once for every directory
 
 VENV_BIN = Path(sys.executable).parent
 

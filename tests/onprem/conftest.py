@@ -1,73 +1,9 @@
-"""One throwaway Debian host per test session (systemd-nspawn, private veth /30, HTTP proxy on
-the host's veth address), converged once with site.yml; cleaned up even when tests fail."""
+"""The session's throwaway host fixture (``onprem``) lives in session.py and is registered once,
+in tests/conftest.py, so tests/onprem and tests/conformance share ONE host per test run. Do not
+define or import the fixture here: a second registration would boot a second host."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from .session import Onprem
 
-import pytest
-
-from .harness import PlayResult, Site, build_wheel, playbook, switch_to_ssh, write_site
-from .throwaway import ThrowawayHost
-
-REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "ip", "zstd", "tar", "ssh", "ssh-keygen")
-
-
-@dataclass
-class Onprem:
-    host: ThrowawayHost
-    site: Site
-    workdir: Path
-    first: PlayResult
-    figures: dict[str, float]
-
-
-def _preconditions() -> None:
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
-    if os.geteuid() != 0 or missing:
-        pytest.fail(
-            "the on-prem tests boot a systemd-nspawn container and need root plus "
-            f"{', '.join(REQUIRED_TOOLS)} (missing: {', '.join(missing) or 'none'}; root: {os.geteuid() == 0}). "
-            "Install with: apt-get install debootstrap systemd-container zstd iproute2 openssh-client; "
-            "or deselect them with -m 'not onprem'",
-            pytrace=False,
-        )
-
-
-@pytest.fixture(scope="session")
-def onprem() -> Iterator[Onprem]:
-    _preconditions()
-    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-onprem-"))
-    host = ThrowawayHost(workdir)
-    old_home = os.environ.get("RLFLEET_HOME")
-    os.environ["RLFLEET_HOME"] = str(workdir / "rlfleet-home")  # tokens saved by target_from
-    try:
-        host.start()
-        site = write_site(host, workdir, wheels=[build_wheel(workdir / "wheels")])
-        first = playbook(site, workdir, "site.yml")
-        figures = dict(host.timings, first_converge_s=first.seconds, first_changed=first.changed)
-        print(f"\n[onprem] host {host.name} at {host.ip}; first converge {first.seconds:.0f} s, "
-              f"changed={first.changed}, rc={first.rc}")
-        if first.rc != 0:
-            pytest.fail(f"first converge of site.yml failed (rc={first.rc}); log tail:\n{first.output[-4000:]}",
-                        pytrace=False)
-        switch_to_ssh(site, host, workdir)
-        yield Onprem(host=host, site=site, workdir=workdir, first=first, figures=figures)
-    finally:
-        t0 = time.monotonic()
-        host.stop()
-        if old_home is None:
-            os.environ.pop("RLFLEET_HOME", None)
-        else:
-            os.environ["RLFLEET_HOME"] = old_home
-        if os.environ.get("RLFLEET_KEEP_ONPREM_LOGS"):
-            print(f"[onprem] logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        print(f"[onprem] cleanup {time.monotonic() - t0:.1f} s")
+__all__ = ["Onprem"]
