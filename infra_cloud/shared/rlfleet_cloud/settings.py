@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from rlfleet.stack_outputs import PORT_API_DEFAULT, PORT_SSH
@@ -49,7 +49,40 @@ GCP_GPU_MACHINES: dict[str, tuple[str, int]] = {
 }
 GCP_N1_GPUS = frozenset({"nvidia-tesla-t4", "nvidia-tesla-v100"})
 
-_WORLD = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+# "World-open": admin CIDRs that together cover more than this (sum of the union, per family).
+# IPv4: more than a /8 (1/256 of the address space). IPv6: more than a /32, the usual minimum
+# allocation to an ISP or LIR; one organisation's own networks are /48-/64 per site.
+IPV4_MAX_PREFIX = 8
+IPV6_MAX_PREFIX = 32
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def world_open_reason(cidrs: Iterable[str]) -> str | None:
+    """Why these CIDRs count as world-open (None if they do not). Pure; ansible mirrors it.
+
+    Takes the union of all CIDRs (overlaps counted once), IPv4 and IPv6 separately, and compares
+    its size with one /8 (IPv4) or one /32 (IPv6). IPv4-mapped IPv6 ranges (::ffff:0:0/96)
+    count as IPv4. ``0.0.0.0/1`` + ``128.0.0.0/1`` is as open as ``0.0.0.0/0``.
+    """
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for text in cidrs:
+        net = ipaddress.ip_network(str(text).strip(), strict=False)
+        if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_V4_MAPPED):
+            mapped = net.network_address.ipv4_mapped
+            assert mapped is not None
+            v4.append(ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}"))
+        elif isinstance(net, ipaddress.IPv4Network):
+            v4.append(net)
+        else:
+            v6.append(net)
+    reasons = []
+    for family, nets, bits, limit in (("IPv4", v4, 32, IPV4_MAX_PREFIX), ("IPv6", v6, 128, IPV6_MAX_PREFIX)):
+        total = sum(n.num_addresses for n in ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
+        if total > 2 ** (bits - limit):
+            size = f"/{bits - (total.bit_length() - 1)}" if total & (total - 1) == 0 else f"{total} addresses"
+            reasons.append(f"{family} {size} in total, more than a /{limit}")
+    return "; ".join(reasons) or None
 
 DEFAULTS: dict[str, dict[str, str]] = {
     "aws": {
@@ -167,15 +200,16 @@ def parse_cidrs(raw: str | None, *, allow_world: bool) -> tuple[str, ...]:
             raise StackConfigError(
                 f"config {key}: {text!r} is not a valid CIDR ({err}); write e.g. 203.0.113.7/32"
             ) from None
-        if net in _WORLD and not allow_world:
-            raise StackConfigError(
-                f"config {key}: {text} would open SSH and the cluster API to the whole internet; "
-                "list your own networks instead, or set allow_world_control_ports=true if you "
-                "really mean it"
-            )
         out.append(str(net))
     if not out:
         raise StackConfigError(f"config {key}: the list is empty; add at least one network")
+    reason = world_open_reason(out)
+    if reason and not allow_world:
+        raise StackConfigError(
+            f"config {key}: {', '.join(out)} would open SSH and the cluster API to the whole internet "
+            f"({reason}); list your own networks instead, or set allow_world_control_ports=true if you "
+            "really mean it"
+        )
     return tuple(out)
 
 
