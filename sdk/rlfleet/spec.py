@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlfleet._yaml import yaml_problem
 from rlfleet.errors import SpecError
 
 AGENTS = ("ppo", "dqn", "random")
@@ -39,7 +40,7 @@ class Budget(_Frozen):
     """How long a train run may go on. Whichever limit is hit first ends it."""
 
     steps: int | None = Field(default=None, gt=0, description="environment steps")
-    minutes: float | None = Field(default=None, gt=0, description="wall-clock minutes")
+    minutes: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="wall-clock minutes")
 
 
 class Resources(_Frozen):
@@ -112,8 +113,8 @@ class RunSpec(_Frozen):
     @classmethod
     def _jsonable(cls, v: dict[str, Any]) -> dict[str, Any]:
         try:
-            json.dumps(v)
-        except TypeError as err:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as err:
             raise ValueError(f"must be plain JSON values (str, numbers, lists, dicts): {err}") from None
         return v
 
@@ -167,6 +168,9 @@ class RunSpec(_Frozen):
     def from_dict(cls, data: Any) -> RunSpec:
         if not isinstance(data, dict):
             raise SpecError(f"a run spec must be a mapping of fields, got {type(data).__name__}")
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise SpecError(f"run spec field names must be strings, got {odd[0]!r} ({type(odd[0]).__name__})")
         return cls(**data)
 
     @classmethod
@@ -182,7 +186,7 @@ class RunSpec(_Frozen):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise SpecError(f"run spec is not valid YAML: {err}") from None
+            raise SpecError(f"run spec is not valid YAML: {yaml_problem(err)}") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -192,6 +196,8 @@ class RunSpec(_Frozen):
             text = p.read_text()
         except OSError as err:
             raise SpecError(f"cannot read spec file {str(p)!r}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"cannot read spec file {str(p)!r}: it is not UTF-8 text") from None
         if p.suffix == ".json":
             return cls.from_json(text)
         return cls.from_yaml(text)
