@@ -6,8 +6,19 @@ last: it is the commit point. A run without it is incomplete; readers refuse inc
 tampered runs unless asked explicitly (``allow_incomplete=True``), e.g. to resume from a
 checkpoint of a killed run.
 
-Transient store errors are retried with exponential backoff; if a write keeps failing,
-:class:`StoreUnavailable` says which store, which file and how long we tried.
+Every write is atomic: a reader sees the old content or the new one, never part of it (object
+stores replace whole objects; on file:// we write a temporary name, fsync and rename). A write
+that dies midway (full disk, killed writer) leaves no manifest.json, so the run reads as
+incomplete. Deleting a run removes its manifest first.
+
+Metrics of a running run are immutable segments ``metrics/<first>-<last>.jsonl`` (row numbers,
+inclusive; larger segments that cover smaller ones may exist side by side); when the run ends the
+writer consolidates them into ``metrics.jsonl`` before the manifest. :meth:`RunArtifacts.iter_metrics`
+reads either layout (runs from before segments have ``metrics.jsonl`` only).
+
+Transient store errors are retried with exponential backoff, for ``retries`` attempts (default 5:
+interactive use) or for ``retry_s`` seconds (a run's own writes: minutes); if an operation keeps
+failing, :class:`StoreUnavailable` says which store, which file and how long we tried.
 """
 
 from __future__ import annotations
@@ -16,7 +27,10 @@ import hashlib
 import json
 import os
 import posixpath
+import re
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +39,10 @@ from typing import Any, TypeVar
 from rlfleet.errors import ArtifactError, IncompleteRunError, StoreUnavailable, TamperedRunError
 
 MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+METRICS_DIR = "metrics"
 RUNS_DIR = "runs"
+_SEGMENT = re.compile(r"^metrics/(\d+)-(\d+)\.jsonl$")
 T = TypeVar("T")
 
 # Errors that retrying will not fix.
@@ -54,6 +71,23 @@ def _filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
     except ValueError as err:
         raise ArtifactError(f"artifact root {uri!r} is not a usable URI: {err}") from None
     return fs, path.rstrip("/")
+
+
+def metrics_segment(first: int, last: int) -> str:
+    """The relative path of the metrics segment holding rows ``first``..``last`` (inclusive)."""
+    return f"{METRICS_DIR}/{first:012d}-{last:012d}.jsonl"
+
+
+def _jsonl(data: bytes) -> list[dict[str, Any]]:
+    rows = []
+    for line in data.decode().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a concurrent in-place write (runs from before atomic writes)
+    return rows
 
 
 def normalize_root(uri: str) -> str:
@@ -113,12 +147,17 @@ class ArtifactStore:
         *,
         storage_options: dict[str, Any] | None = None,
         retries: int | None = None,
+        retry_s: float | None = None,
         backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
     ) -> None:
         self.root_uri = normalize_root(root_uri)
         self.storage_options = dict(storage_options or {})
-        self.retries = retries if retries is not None else int(os.environ.get("RLFLEET_STORE_RETRIES", "5"))
+        # attempts and/or a time budget; neither given: 5 attempts (~3 s), for interactive use
+        self.retries = retries if retries is not None or retry_s is not None else 5
+        self.retry_s = retry_s
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self._fs: Any = None
         self._root_path = ""
 
@@ -133,11 +172,14 @@ class ArtifactStore:
         return posixpath.join(self._root_path, *parts)
 
     def retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with exponential backoff on transient errors."""
+        """Run ``fn`` with exponential backoff on transient errors, within the store's attempt
+        count and/or time budget."""
         delay = self.backoff_s
         start = time.monotonic()
         last: BaseException | None = None
-        for attempt in range(1, self.retries + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return fn()
             except _PERMANENT:
@@ -155,12 +197,15 @@ class ArtifactStore:
                 ):
                     raise
                 last = err
-            if attempt < self.retries:
-                time.sleep(delay)
-                delay *= 2
+            if self.retries is not None and attempt >= self.retries:
+                break
+            if self.retry_s is not None and time.monotonic() - start + delay > self.retry_s:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, self.max_backoff_s)
         took = time.monotonic() - start
         raise StoreUnavailable(
-            f"artifact store {self.root_uri} failed to {what} after {self.retries} attempts "
+            f"artifact store {self.root_uri} failed to {what} after {attempt} attempts "
             f"over {took:.1f} s: {type(last).__name__}: {last}. Check that the store is reachable "
             "and the credentials allow it, then retry."
         )
@@ -216,22 +261,19 @@ class RunArtifacts:
     def write_bytes(self, rel: str, data: bytes) -> None:
         if rel == MANIFEST:
             raise ArtifactError("manifest.json is written by commit() only")
+        self._put(rel, data)
+
+    def _put(self, rel: str, data: bytes) -> None:
+        """Write one file atomically (see the module doc), with the store's retries."""
         path = self._p(rel)
         fs = self.store.fs
 
         def _put() -> None:
-            parent = posixpath.dirname(path)
-            if parent:
-                fs.makedirs(parent, exist_ok=True)
             if _is_local(fs):
-                # write-then-rename so a reader never sees half a file
-                tmp = f"{path}.tmp-{os.getpid()}"
-                with fs.open(tmp, "wb") as f:
-                    f.write(data)
-                fs.mv(tmp, path)
-            else:
-                with fs.open(path, "wb") as f:
-                    f.write(data)
+                _write_local_atomic(fs, path, data)
+                return
+            with fs.open(path, "wb") as f:  # one object: visible whole or not at all
+                f.write(data)
 
         self.store.retry(f"write {rel} of run {self.run_id}", _put)
 
@@ -252,14 +294,7 @@ class RunArtifacts:
             data = self._read_raw(rel)
             files[rel] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
         manifest = Manifest(run_id=self.run_id, files=files, created_at=_now(), extra=dict(extra or {}))
-        path = self._p(MANIFEST)
-        fs = self.store.fs
-
-        def _put() -> None:
-            with fs.open(path, "wb") as f:
-                f.write(manifest.to_json().encode())
-
-        self.store.retry(f"write {MANIFEST} of run {self.run_id}", _put)
+        self._put(MANIFEST, manifest.to_json().encode())
         self._manifest = manifest
         return manifest
 
@@ -342,25 +377,93 @@ class RunArtifacts:
         return sorted(out)
 
     def iter_metrics(self) -> Iterator[dict[str, Any]]:
-        """Rows of metrics.jsonl (readable while the run is still going)."""
-        if not self.exists("metrics.jsonl"):
-            return
-        for line in self._read_raw("metrics.jsonl").decode().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a concurrent rewrite
+        """The run's metrics rows in order, also while it runs: ``metrics.jsonl`` when it is there
+        (finished runs, and runs from before segments), else the segments under ``metrics/``."""
+        done = 0  # rows yielded so far
+        for _ in range(5):  # the writer may consolidate or merge segments while we read
+            if self.exists(METRICS):
+                yield from _jsonl(self._read_raw(METRICS))[done:]
+                return
+            try:
+                for row in self._segment_rows(done):
+                    yield row
+                    done += 1
+                return
+            except FileNotFoundError:
+                continue
+
+    def _segment_rows(self, start: int) -> Iterator[dict[str, Any]]:
+        base = self.store._path(RUNS_DIR, self.run_id, METRICS_DIR)
+        fs = self.store.fs
+
+        def _ls() -> list[str]:
+            try:
+                return [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)]
+            except FileNotFoundError:
+                return []
+
+        segments = []
+        for name in self.store.retry(f"list the metrics of run {self.run_id}", _ls):
+            m = _SEGMENT.match(f"{METRICS_DIR}/{name}")
+            if m:
+                segments.append((int(m.group(1)), int(m.group(2)), f"{METRICS_DIR}/{name}"))
+        nxt = start
+        for first, last, rel in sorted(segments, key=lambda s: (s[0], -s[1])):
+            if last < nxt:
+                continue  # covered by a larger segment already read
+            if first > nxt:
+                return  # the rows in between are not visible yet
+            path = self._p(rel)
+            rows = _jsonl(self.store.retry(f"read {rel} of run {self.run_id}", lambda p=path: fs.cat_file(p)))
+            yield from rows[nxt - first :]
+            nxt = last + 1
+
+    def delete_dir(self, rel: str) -> None:
+        """Remove a directory of the run (e.g. ``metrics``) and everything under it."""
+        path = self._p(rel)
+        fs = self.store.fs
+        self.store.retry(f"delete {rel} of run {self.run_id}",
+                         lambda: fs.rm(path, recursive=True) if fs.exists(path) else None)
 
     def size_bytes(self) -> int:
         base = self.store._path(RUNS_DIR, self.run_id)
         return int(self.store.retry(f"size of run {self.run_id}", lambda: self.store.fs.du(base)))
 
     def delete(self) -> None:
+        """Delete the run, manifest first: a half-deleted run reads as incomplete, never as a
+        committed run with files missing."""
         base = self.store._path(RUNS_DIR, self.run_id)
         fs = self.store.fs
+        self.delete_file(MANIFEST)
+        self._manifest = None
         self.store.retry(f"delete run {self.run_id}", lambda: fs.rm(base, recursive=True) if fs.exists(base) else None)
+
+
+def _write_local_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write a temporary file next to ``path``, fsync it, rename it over ``path`` (atomic on POSIX)."""
+    parent = os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _is_local(fs: Any) -> bool:

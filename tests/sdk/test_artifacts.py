@@ -150,3 +150,140 @@ def test_transient_failures_are_retried(tmp_path, monkeypatch) -> None:
 def test_missing_driver_message(monkeypatch) -> None:
     with pytest.raises(ArtifactError, match=r"not a usable URI|needs the"):
         _ = ArtifactStore("nosuchproto://x/y").fs
+
+
+# -- the commit point is atomic (issue 10 item 4) ----------------------------------------------
+
+_FULL_DISK_CHILD = """
+import resource, signal, sys
+from rlfleet.artifacts import ArtifactStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+run = ArtifactStore(sys.argv[1], retries=2, backoff_s=0.01).run("rl-full")
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    run.commit()
+except Exception as err:
+    print(type(err).__name__, err, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def test_manifest_write_that_dies_midway_leaves_no_manifest(tmp_path) -> None:
+    """A real partial write (file size limit: the first 4096 bytes land, then EFBIG) during commit."""
+    import subprocess
+    import sys
+
+    store = ArtifactStore(f"file://{tmp_path}/root")
+    run = store.run("rl-full")
+    for i in range(60):  # the manifest lists 60 files: ~7 KiB, larger than the limit
+        run.write_bytes(f"checkpoints/part_{i:03d}.bin", b"x" * 10)
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, store.root_uri], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 3 and "StoreUnavailable" in out.stderr, out.stderr
+    fresh = ArtifactStore(f"file://{tmp_path}/root").run("rl-full")
+    assert not fresh.is_complete()  # no truncated manifest.json: the run is simply incomplete
+    with pytest.raises(IncompleteRunError):
+        fresh.manifest()
+    leftovers = [p.name for p in (tmp_path / "root" / "runs" / "rl-full").iterdir() if not p.is_dir()]
+    assert leftovers == []  # nor a temporary file left behind
+    fresh.commit()  # with room again, the commit succeeds
+    assert len(ArtifactStore(f"file://{tmp_path}/root").run("rl-full").verify().files) == 60
+
+
+def test_readers_never_see_a_partial_manifest_while_it_is_written(tmp_path) -> None:
+    import threading
+
+    store = ArtifactStore(f"file://{tmp_path}/root")
+    run = store.run("rl-busy")
+    for i in range(300):
+        run.write_bytes(f"f/{i:04d}.bin", b"%d" % i)
+    run.commit()
+    stop = threading.Event()
+    seen = {"ok": 0, "bad": []}
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                store.run("rl-busy").manifest()
+                seen["ok"] += 1
+            except (TamperedRunError, IncompleteRunError) as err:
+                seen["bad"].append(str(err)[:120])
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(15):
+            run.commit()  # rewrites the commit point while the reader polls it
+    finally:
+        stop.set()
+        t.join()
+    assert seen["ok"] > 0 and seen["bad"] == []
+
+
+def test_delete_removes_the_manifest_before_any_file(store: ArtifactStore, monkeypatch) -> None:
+    """While a run is being deleted, no reader may see a committed run with files missing."""
+    run = store.run("rl-old")
+    for rel in ("spec.json", "metrics.jsonl", "checkpoints/step_1.pt", "policy.onnx"):
+        run.write_bytes(rel, b"data of " + rel.encode())
+    run.commit()
+    fs = store.fs
+    real_rm, real_rm_file = fs.rm, getattr(fs, "rm_file", None)
+    states: list[bool] = []
+
+    def check(path) -> None:
+        paths = path if isinstance(path, list) else [path]
+        if any(not str(p).rstrip("/").endswith(MANIFEST) for p in paths):
+            reader = ArtifactStore(store.root_uri, storage_options={**store.storage_options,
+                                                                    "skip_instance_cache": True})
+            states.append(reader.run("rl-old").is_complete())
+
+    def rm(path, *a, **kw):
+        check(path)
+        return real_rm(path, *a, **kw)
+
+    monkeypatch.setattr(fs, "rm", rm)
+    if real_rm_file is not None:
+        monkeypatch.setattr(fs, "rm_file", lambda path, *a, **kw: (check(path), real_rm_file(path, *a, **kw))[1])
+    run.delete()
+    assert states and not any(states), states  # every data deletion happened after the manifest was gone
+    assert store.list_run_ids() == []
+
+
+def test_retry_budget_is_a_time_budget(tmp_path) -> None:
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = ArtifactStore(
+        "s3://bucket/prefix", retry_s=1.5, backoff_s=0.05, max_backoff_s=0.2,
+        storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "key": "x", "secret": "y",
+                         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}},
+    )
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"over \d+\.\d s"):
+        store.run("rl-x").write_bytes("spec.json", b"{}")
+    took = time.monotonic() - t0
+    assert 1.2 < took < 6, took
+
+
+def test_metrics_segments_and_the_single_file_read_the_same(tmp_path) -> None:
+    from rlfleet.artifacts import METRICS, metrics_segment
+
+    store = ArtifactStore(str(tmp_path))
+    rows = [{"step": i} for i in range(20)]
+
+    def lines(a: int, b: int) -> str:
+        return "".join(json.dumps(r) + "\n" for r in rows[a : b + 1])
+
+    old = store.run("rl-old")  # a run from before segments: one metrics.jsonl
+    old.write_text(METRICS, lines(0, 19))
+    assert list(old.iter_metrics()) == rows
+    live = store.run("rl-live")  # a running run: segments, one merged range overlapping small ones
+    for a, b in ((0, 3), (4, 7), (0, 7), (8, 8), (9, 12), (13, 13)):
+        live.write_text(metrics_segment(a, b), lines(a, b))
+    assert list(live.iter_metrics()) == rows[:14]
+    live.write_text(metrics_segment(16, 19), lines(16, 19))  # a gap (14-15 not visible yet): stop before it
+    assert list(live.iter_metrics()) == rows[:14]
+    live.write_text(METRICS, lines(0, 19))  # finished: the consolidated file wins
+    assert list(live.iter_metrics()) == rows
