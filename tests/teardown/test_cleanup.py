@@ -80,11 +80,11 @@ def test_cleanup_rules_on_file_store(tmp_path, monkeypatch):
     # both rules: older than 50 days AND beyond the newest 1
     plan = cleanup.plan_cleanup(store, older_than=cleanup.parse_age("50d"), keep_last=1, active_run_ids=ACTIVE)
     assert sorted(r.run_id for r in plan.remove) == ["e0", "p1", "t1"]
-    # cluster unreachable: runs without a manifest and every deploy/in-flight source are kept
+    # cluster unreachable: runs without a manifest, deploy runs and every run named as a source are kept
     plan = cleanup.plan_cleanup(store, older_than=cleanup.parse_age("1s"), active_run_ids=None)
     kept = {r.run_id: why for r, why in plan.keep}
-    assert "r1" in kept and "t3" in kept and "t4" in kept
-    assert sorted(r.run_id for r in plan.remove) == ["e0", "p1", "t1", "t2"]
+    assert "r1" in kept and "t3" in kept and "t4" in kept and "e0" in kept["t1"]
+    assert sorted(r.run_id for r in plan.remove) == ["e0", "p1", "t2"]
     check_rules(store, ArtifactStore(f"file://{tmp_path}/root"))
 
 
@@ -109,3 +109,45 @@ def test_rules_are_required_and_ages_parse():
     assert cleanup.parse_age("12h") == timedelta(hours=12)
     with pytest.raises(ValueError, match="30d"):
         cleanup.parse_age("thirty days")
+
+
+def _commit_aged(store: ArtifactStore, rid: str, spec: dict, days: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    arts = store.run(rid)
+    arts.write_text("spec.json", json.dumps(spec))
+    arts.write_bytes("checkpoints/step_100.pt", b"x" * 1000)
+    ts = (NOW - timedelta(days=days)).isoformat(timespec="seconds")
+    monkeypatch.setattr(artifacts_mod, "_now", lambda: ts)
+    arts.commit()
+
+
+def test_apply_rechecks_each_run_right_before_deleting_it(tmp_path, monkeypatch):
+    import os
+
+    store = ArtifactStore(f"file://{tmp_path}/root")
+    for i, rid in enumerate(("a1", "a2", "a3", "a4", "a5")):
+        _commit_aged(store, rid, {"kind": "train", "name": "cp"}, 50 - i, monkeypatch)
+    _commit_aged(store, "new", {"kind": "train", "name": "cp"}, 1, monkeypatch)
+    _commit_aged(store, "dep", {"kind": "deploy", "name": "srv", "source": "new"}, 40, monkeypatch)
+    _commit_aged(store, "dep2", {"kind": "deploy", "name": "srv", "source": "new"}, 2, monkeypatch)
+    killed = store.run("k1")  # a killed run, silent for 40 days
+    killed.write_text("spec.json", json.dumps({"kind": "train", "name": "cp"}))
+    old = (NOW - timedelta(days=40)).timestamp()
+    os.utime(tmp_path / "root" / "runs" / "k1" / "spec.json", (old, old))
+
+    plan = cleanup.plan_cleanup(store, older_than=cleanup.parse_age("30d"), active_run_ids=set())
+    assert sorted(r.run_id for r in plan.remove) == ["a1", "a2", "a3", "a4", "a5", "dep", "k1"]
+
+    # between the plan and the deletion: a deploy of a1 is submitted (its spec lands in the store),
+    # k1 writes again, and the cluster now runs something that reads a2
+    store.run("dep3").write_text("spec.json", json.dumps({"kind": "deploy", "name": "srv2", "source": "a1"}))
+    killed.write_bytes("checkpoints/step_200.pt", b"y" * 10)
+    answers = iter([{"x9", "a2"}, {"x9", "a2"}, {"x9", "a2"}, None, None, None, None])
+    lines: list[str] = []
+    cleanup.apply_cleanup(store, plan, echo=lines.append, active_run_ids=lambda: next(answers))
+    kept = {r.run_id: why for r, why in plan.keep}
+    assert "dep3" in kept["a1"] and "a2" in kept and "changed since" in kept["k1"]
+    # from the 4th run on the cluster stops answering: deploy runs are kept, plain old runs still go
+    assert "cluster" in kept["dep"]
+    assert sorted(r.run_id for r in plan.remove) == ["a3", "a4", "a5"]
+    assert sorted(store.list_run_ids()) == ["a1", "a2", "dep", "dep2", "dep3", "k1", "new"]
+    assert sum(line.startswith("removed run") for line in lines) == 3

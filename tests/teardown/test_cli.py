@@ -82,3 +82,35 @@ def test_cleanup_with_unreachable_cluster_keeps_incomplete_runs(config, capsys):
     assert len(ArtifactStore(f"file://{config}/nas").list_run_ids()) == 2
     assert main(["cleanup", "lab"]) == 2  # no rule given
     assert "retention rule" in capsys.readouterr().err
+
+
+def test_cleanup_with_unreachable_cluster_keeps_deploys_and_every_source(config, capsys, monkeypatch):
+    """The target's ray_address is a closed loopback port: the cluster really does not answer."""
+    from datetime import datetime, timedelta, timezone
+
+    import rlfleet.artifacts as artifacts_mod
+
+    store = ArtifactStore(f"file://{config}/nas")
+    runs = {  # run id -> (spec, age in days)
+        "src-d": ({"kind": "train", "name": "cp"}, 90), "src-e": ({"kind": "train", "name": "cp"}, 89),
+        "src-r": ({"kind": "train", "name": "cp"}, 88), "plain": ({"kind": "train", "name": "cp"}, 87),
+        "latest": ({"kind": "train", "name": "cp"}, 1),
+        "dep-old": ({"kind": "deploy", "name": "srv", "source": "src-d"}, 60),
+        "dep-new": ({"kind": "deploy", "name": "srv", "source": "latest"}, 2),
+        "ev": ({"kind": "eval", "name": "ev", "source": "src-e"}, 50),
+        "res": ({"kind": "train", "name": "cp2", "resume_from": "src-r"}, 50),
+    }
+    now = datetime.now(timezone.utc)
+    for rid, (spec, days) in runs.items():
+        arts = store.run(rid)
+        arts.write_text("spec.json", json.dumps(spec))
+        monkeypatch.setattr(artifacts_mod, "_now", lambda d=days: (now - timedelta(days=d)).isoformat())
+        arts.commit()
+    assert main(["cleanup", "lab", "--older-than", "30d", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "does not answer" in cap.err
+    d = json.loads(cap.out)
+    assert d["removed"] == ["plain"]
+    assert "deploy" in d["kept"]["dep-old"] and "src-d" in d["kept"] and "src-e" in d["kept"]
+    assert "src-r" in d["kept"] and "res" in d["kept"]["src-r"]
+    assert sorted(store.list_run_ids()) == sorted(set(runs) - {"plain"})

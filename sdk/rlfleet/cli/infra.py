@@ -80,13 +80,13 @@ def down(target_name: str, delete_data: bool, yes: bool, dry_run: bool, as_json:
 @click.command("cleanup")
 @click.argument("target_name", metavar="TARGET")
 @click.option("--older-than", "older_than", metavar="AGE", help="Remove runs older than AGE (30d, 12h, 2w).")
-@click.option("--keep-last", "keep_last", type=int, metavar="N", help="Keep the N newest runs of each name.")
+@click.option("--keep-last", "keep_last", type=click.IntRange(min=1), metavar="N",
+              help="Keep the N newest runs of each name (at least 1).")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; change nothing.")
 @json_option
 def cleanup(target_name: str, older_than: str | None, keep_last: int | None, dry_run: bool, as_json: bool) -> None:
     """Prune TARGET's run artifacts by rule. Never removes running or deployed runs, the runs
     they use, or the newest run of each name."""
-    from rlfleet.errors import RlfleetError
     from rlfleet.targets import get_target
     from rlfleet.teardown import cleanup as cl
 
@@ -97,15 +97,7 @@ def cleanup(target_name: str, older_than: str | None, keep_last: int | None, dry
     if age is None and keep_last is None:
         raise click.UsageError("give a retention rule: --older-than AGE and/or --keep-last N")
     target = get_target(target_name)
-    active: set[str] | None
-    try:
-        from rlfleet.runs import list_runs
-
-        active = cl.active_run_ids_from(list_runs(target))
-    except (RlfleetError, OSError, ConnectionError) as err:
-        _echo_err(f"cluster of {target.name!r} does not answer ({type(err).__name__}): keeping every run "
-                  "without a manifest and every run a deploy may be serving")
-        active = None
+    active = cl.cluster_active_run_ids(target, echo=_echo_err)
     store = target.store()
     try:
         plan = cl.plan_cleanup(store, older_than=age, keep_last=keep_last, active_run_ids=active)
@@ -119,7 +111,9 @@ def cleanup(target_name: str, older_than: str | None, keep_last: int | None, dry
         for r in plan.remove:
             _echo_err(f"would remove {r.run_id} ({r.name}, {cl.human_bytes(plan.sizes.get(r.run_id, 0))})")
     else:
-        freed = cl.apply_cleanup(store, plan, echo=(lambda m: None) if as_json else _echo_err)
+        # each run is re-checked (store and cluster) right before it is deleted
+        freed = cl.apply_cleanup(store, plan, echo=(lambda m: None) if as_json else _echo_err,
+                                 active_run_ids=lambda: cl.cluster_active_run_ids(target))
     summary: dict[str, Any] = {
         "target": target.name,
         "dry_run": dry_run,

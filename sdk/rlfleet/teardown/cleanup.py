@@ -12,7 +12,12 @@ Never removed, whatever the rules say:
   (a deploy's or eval's ``source``, a train's ``resume_from``);
 - the newest run of each name (the newest committed one, if the name has any);
 - when the active runs are unknown (``active_run_ids=None``: cluster unreachable), every run
-  without a manifest, because it may still be writing.
+  without a manifest (it may still be writing), every deploy run (it may still be serving) and
+  every run that any run in the store names as its source or resume point.
+
+:func:`apply_cleanup` re-checks each run right before deleting it (its files unchanged since the
+plan, no new run naming it as source, and, when given a way to ask the cluster, not active now)
+and deletes the manifest first, so a run whose deletion is interrupted reads as incomplete.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from rlfleet.artifacts import MANIFEST, ArtifactStore
+from rlfleet.errors import ArtifactError
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -99,6 +105,11 @@ def read_run(store: ArtifactStore, run_id: str) -> RunRecord:
     arts = store.run(run_id)
     files = arts.list_files()
     complete = MANIFEST in files
+    if complete:
+        try:
+            arts.manifest()
+        except ArtifactError:
+            complete = False  # a damaged manifest commits nothing: treated like a run without one
     spec: dict[str, Any] = {}
     if "spec.json" in files:
         try:
@@ -154,13 +165,7 @@ def plan_cleanup(
 
     protected: dict[str, str] = {}
     if active_run_ids is None:
-        # unknown: any run without a manifest may still be writing, any deploy run may be serving
-        for r in records:
-            if not r.complete:
-                protected[r.run_id] = "no manifest and the cluster could not say whether it is still running"
-            if not r.complete or r.kind == "deploy":
-                for src in r.reads_from:
-                    protected.setdefault(src, f"used by run {r.run_id}, which may still be active")
+        protected.update(_unknown_cluster_protection(records))
     else:
         active = set(active_run_ids)
         for rid in sorted(active):
@@ -205,6 +210,21 @@ def plan_cleanup(
     return plan
 
 
+def _unknown_cluster_protection(records: Iterable[RunRecord]) -> dict[str, str]:
+    """What to keep when the cluster cannot say what runs: any run without a manifest may still be
+    writing, any deploy run may be serving, and any run named as a source may be in use."""
+    protected: dict[str, str] = {}
+    for r in records:
+        if not r.complete:
+            protected[r.run_id] = "no manifest and the cluster could not say whether it is still running"
+        elif r.kind == "deploy":
+            protected[r.run_id] = "a deploy run and the cluster could not say whether it is still serving"
+    for r in records:
+        for src in r.reads_from:
+            protected.setdefault(src, f"used by run {r.run_id}, which may still be active (cluster unknown)")
+    return protected
+
+
 def _fmt_age(td: timedelta) -> str:
     s = td.total_seconds()
     for unit, n in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
@@ -213,15 +233,82 @@ def _fmt_age(td: timedelta) -> str:
     return f"{int(s)}s"
 
 
-def apply_cleanup(store: ArtifactStore, plan: CleanupPlan, *, echo: Callable[[str], None] = print) -> int:
-    """Delete the runs the plan removes; returns the bytes freed (sizes measured when planning)."""
+def apply_cleanup(
+    store: ArtifactStore,
+    plan: CleanupPlan,
+    *,
+    echo: Callable[[str], None] = print,
+    active_run_ids: Callable[[], set[str] | None] | None = None,
+) -> int:
+    """Delete the runs the plan removes, re-checking each right before deleting it; returns the
+    bytes freed (sizes measured when planning).
+
+    A run is kept after all (moved from ``plan.remove`` to ``plan.keep``, with the reason echoed)
+    when its files changed since the plan, when a run that appeared since the plan names it as
+    source or resume point, or when ``active_run_ids()`` (asked again for every run: the cluster's
+    active runs and their sources, ``None`` if it does not answer) says it is in use, or cannot say
+    and the run is one the unknown-cluster rules keep.
+    """
+    planned = {r.run_id: r for r in plan.remove} | {r.run_id: r for r, _ in plan.keep}
+    new_records: dict[str, RunRecord] = {}
     freed = 0
+    removed: list[RunRecord] = []
     for r in plan.remove:
+        why = _still_in_use(store, r, planned, new_records, active_run_ids)
+        if why:
+            plan.keep.append((r, why))
+            echo(f"kept   {r.run_id} ({r.name}): {why}")
+            continue
         size = plan.sizes.get(r.run_id, 0)
         store.run(r.run_id).delete()
+        removed.append(r)
         freed += size
         echo(f"removed run {r.run_id} ({r.name}, {human_bytes(size)})")
+    plan.remove = removed
     return freed
+
+
+def _still_in_use(
+    store: ArtifactStore,
+    r: RunRecord,
+    planned: dict[str, RunRecord],
+    new_records: dict[str, RunRecord],
+    active_run_ids: Callable[[], set[str] | None] | None,
+) -> str | None:
+    """Why ``r`` must not be deleted now (None: delete it). ``new_records`` caches runs that
+    appeared since the plan."""
+    if read_run(store, r.run_id) != r:
+        return "changed since the plan (new files or a new manifest): it may be in use"
+    for rid in store.list_run_ids():
+        if rid not in planned and rid not in new_records:
+            new_records[rid] = read_run(store, rid)
+    users = sorted(rid for rid, rec in new_records.items() if r.run_id in rec.reads_from)
+    if users:
+        return f"used by run {users[0]}, which appeared since the plan"
+    if active_run_ids is None:
+        return None
+    active = active_run_ids()
+    if active is None:
+        why = _unknown_cluster_protection([*planned.values(), *new_records.values()]).get(r.run_id)
+        return f"the cluster stopped answering: {why}" if why else None
+    if r.run_id in active:
+        return "running, deployed or used by an active run (the cluster says so now)"
+    return None
+
+
+def cluster_active_run_ids(target: Any, echo: Callable[[str], None] | None = None) -> set[str] | None:
+    """The target's active runs and the runs they read, or None (with one line to ``echo``) when
+    its cluster does not answer."""
+    from rlfleet.errors import RlfleetError
+    from rlfleet.runs import list_runs
+
+    try:
+        return active_run_ids_from(list_runs(target))
+    except (RlfleetError, OSError, ConnectionError) as err:
+        if echo is not None:
+            echo(f"cluster of {target.name!r} does not answer ({type(err).__name__}): keeping every run "
+                 "without a manifest, every deploy run and every run another run names as its source")
+        return None
 
 
 def active_run_ids_from(runs: Iterable[Any]) -> set[str]:
