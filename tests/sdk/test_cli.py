@@ -166,3 +166,26 @@ def test_runs_without_a_running_local_head_lists_the_artifact_store(tmp_path: Pa
     docs = json.loads(cli("runs", "--json", env=env).stdout)
     assert [(d["run_id"], d["complete"], d["wall_time_s"]) for d in docs] == [
         ("rl-20260102-000000-bbbbbb", False, None), ("rl-20260101-000000-aaaaaa", True, 12.5)]
+
+
+def test_stored_runs_report_a_damaged_manifest_as_a_damaged_run(tmp_path: Path) -> None:
+    from rlfleet.artifacts import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "home"))
+    good = store.run("rl-20260101-000000-aaaaaa")
+    good.write_json("spec.json", {"kind": "train", "name": "good"})
+    good.commit(extra={"wall_time_s": 3.0})
+    bad = store.run("rl-20260102-000000-bbbbbb")
+    bad.write_json("spec.json", {"kind": "train", "name": "cut"})
+    bad.commit()
+    path = tmp_path / "home" / "runs" / bad.run_id / "manifest.json"
+    path.write_bytes(path.read_bytes()[:37])  # e.g. written in place by an older version when the disk filled
+    env = {"RLFLEET_HOME": str(tmp_path / "home")}
+    res = cli("runs", "--stored", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    docs = {d["run_id"]: d for d in json.loads(res.stdout)}
+    assert docs[bad.run_id]["state"] == "damaged" and not docs[bad.run_id]["complete"]
+    assert "manifest.json is not a valid manifest" in docs[bad.run_id]["problem"]
+    assert docs[good.run_id]["state"] == "complete" and docs[good.run_id]["wall_time_s"] == 3.0
+    res = cli("runs", "--stored", env=env)
+    assert res.returncode == 0 and "DAMAGED" in res.stdout and "good" in res.stdout, res.stderr

@@ -220,18 +220,24 @@ def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> Non
 
 
 def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
-    """Runs as the artifact store records them: committed (manifest.json) or incomplete."""
+    """Runs as the artifact store records them: committed (manifest.json), incomplete, or damaged
+    (a manifest that cannot be read: reported on its row, the listing goes on)."""
     from rlfleet.errors import ArtifactError, IncompleteRunError
 
     store = tgt.store()
     docs = []
     for run_id in sorted(store.list_run_ids(), reverse=True)[:limit]:
         arts = store.run(run_id)
+        extra: dict[str, Any] | None = None
+        state, problem = "complete", None
         try:
-            extra: dict[str, Any] | None = arts.manifest().extra
+            extra = arts.manifest().extra
         except IncompleteRunError:
-            extra = None
-        doc: dict[str, Any] = {"run_id": run_id, "artifact_uri": arts.uri, "complete": extra is not None}
+            state = "incomplete"
+        except ArtifactError as err:
+            state, problem = "damaged", str(err)
+        doc: dict[str, Any] = {"run_id": run_id, "artifact_uri": arts.uri, "complete": extra is not None,
+                               "state": state, "problem": problem}
         try:
             spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
             doc.update(kind=spec.get("kind"), name=spec.get("name"))
@@ -245,8 +251,8 @@ def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
     table(
         ["run_id", "kind", "name", "artifacts", "wall s", "GPU-h"],
         [
-            [d["run_id"], d["kind"], d["name"], "complete" if d["complete"] else "INCOMPLETE", d["wall_time_s"],
-             d["gpu_hours"]]
+            [d["run_id"], d["kind"], d["name"], d["state"] if d["complete"] else d["state"].upper(),
+             d["wall_time_s"], d["gpu_hours"]]
             for d in docs
         ],
         title=f"runs stored under {store.root_uri}",
