@@ -9,21 +9,35 @@ SDK needs (the dashboard / Jobs API, and the ports deploy runs may serve on) fro
 
 The forwarder binds its host listeners first, then enters the namespace with setns(2) before any
 thread exists, so every upstream connection it opens afterwards lands inside the namespace.
+
+It is bounded, so a local process cannot exhaust it (or Ray behind it) with idle connections:
+one thread (asyncio), at most ``--max-conns`` client connections at a time (a new connection
+evicts the oldest one that has not sent a byte yet, else the least recently active one), the
+upstream connection is opened only once the client has sent its first bytes, a connection that
+sends nothing within ``--first-byte-timeout`` seconds is closed, and so is any connection with
+no traffic in either direction for ``--idle-timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import ctypes
 import os
+import resource
 import signal
 import socket
 import sys
-import threading
 import time
+from collections.abc import Callable
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+MAX_CONNS = 1024
+IDLE_TIMEOUT_S = 300.0
+FIRST_BYTE_TIMEOUT_S = 10.0
+_CHUNK = 65536
 
 
 def _setns(path: str, nstype: int) -> None:
@@ -44,73 +58,175 @@ def enter_netns(pid: int) -> None:
     _setns(f"/proc/{pid}/ns/net", CLONE_NEWNET)
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
-            try:
-                s.shutdown(how)
-            except OSError:
-                pass
+class _Conn:
+    __slots__ = ("client", "last", "started", "upstream")
+
+    def __init__(self, client: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.started = False  # the client has sent bytes
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        for w in (self.client, self.upstream):
+            if w is not None:
+                with contextlib.suppress(Exception):
+                    w.transport.abort()
 
 
-def _bridge(client: socket.socket, port: int) -> None:
-    try:
-        upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
-    except OSError:
-        client.close()
-        return
-    upstream.settimeout(None)
-    for s in (client, upstream):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    t = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-    t.start()
-    _pump(client, upstream)
-    t.join()
-    client.close()
-    upstream.close()
+class Forwarder:
+    def __init__(self, max_conns: int, idle_timeout: float, first_byte_timeout: float) -> None:
+        self.max_conns = max_conns
+        self.idle_timeout = idle_timeout
+        self.first_byte_timeout = first_byte_timeout
+        self.conns: dict[_Conn, None] = {}  # insertion order: oldest first
+        self.evicted = self.timed_out = 0
 
+    def _admit(self, conn: _Conn) -> None:
+        while len(self.conns) >= self.max_conns:
+            victim = next((c for c in self.conns if not c.started), None)
+            if victim is None:
+                victim = min(self.conns, key=lambda c: c.last)
+            self.conns.pop(victim, None)
+            victim.close()
+            self.evicted += 1
+        self.conns[conn] = None
 
-def _accept_loop(listener: socket.socket, port: int) -> None:
-    while True:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+        conn = _Conn(writer)
+        self._admit(conn)
         try:
-            client, _ = listener.accept()
+            first = await reader.read(_CHUNK)
+            if not first:
+                return
+            conn.started, conn.last = True, time.monotonic()
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+            conn.upstream = up_writer
+            for w in (writer, up_writer):
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            up_writer.write(first)
+            await asyncio.gather(self._pump(reader, up_writer, conn), self._pump(up_reader, writer, conn))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.conns.pop(conn, None)
+            conn.close()
+
+    @staticmethod
+    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, conn: _Conn) -> None:
+        try:
+            while data := await src.read(_CHUNK):
+                conn.last = time.monotonic()
+                dst.write(data)
+                await dst.drain()
+                conn.last = time.monotonic()
+            if dst.can_write_eof():
+                dst.write_eof()
         except OSError:
-            return
-        threading.Thread(target=_bridge, args=(client, port), daemon=True).start()
+            conn.close()
+
+    async def sweep(self, holder: int) -> None:
+        """Close timed-out connections; stop when the namespace holder is gone."""
+        step = max(0.05, min(1.0, self.first_byte_timeout / 4, self.idle_timeout / 4))
+        gone = _holder_watch(holder)
+        reported = 0
+        while not gone():
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for c in list(self.conns):
+                limit = self.idle_timeout if c.started else self.first_byte_timeout
+                if now - c.last > limit:
+                    self.conns.pop(c, None)
+                    c.close()
+                    self.timed_out += 1
+            if self.evicted != reported:
+                print(f"forwarder: {self.evicted} connections evicted so far (limit {self.max_conns})", flush=True)
+                reported = self.evicted
 
 
-def forward(pid: int, ports: list[int]) -> None:
+def proc_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if there is no such process.
+
+    With the boot id, (pid, start time) names one process for good: a reused PID has another.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22; comm may hold ')'
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _holder_watch(pid: int) -> Callable[[], bool]:
+    """A predicate: has the holder process exited? (its PID may be reused: compare its start time)."""
+    start = proc_start_time(pid)
+    return lambda: start is None or proc_start_time(pid) != start
+
+
+def _raise_fd_limit(max_conns: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * max_conns + 64
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+async def _serve(pid: int, listeners: list[tuple[socket.socket, int]], fwd: Forwarder) -> None:
+    servers = []
+    for s, port in listeners:
+
+        async def cb(r: asyncio.StreamReader, w: asyncio.StreamWriter, port: int = port) -> None:
+            await fwd.handle(r, w, port)
+
+        servers.append(await asyncio.start_server(cb, sock=s, limit=_CHUNK))
+    print(f"forwarding 127.0.0.1:{[p for _, p in listeners]} into netns of pid {pid}", flush=True)
+    await fwd.sweep(pid)  # exit with the namespace holder: the cluster is gone then
+
+
+def forward(
+    pid: int,
+    ports: list[int],
+    *,
+    max_conns: int = MAX_CONNS,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    first_byte_timeout: float = FIRST_BYTE_TIMEOUT_S,
+) -> None:
     listeners = []
     for port in ports:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
-        s.listen(256)
+        s.listen(1024)
+        s.setblocking(False)
         listeners.append((s, port))
     enter_netns(pid)  # before any thread exists: threads inherit the namespace
-    for s, port in listeners:
-        threading.Thread(target=_accept_loop, args=(s, port), daemon=True).start()
+    _raise_fd_limit(max_conns)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    print(f"forwarding 127.0.0.1:{ports} into netns of pid {pid}", flush=True)
-    # Exit with the namespace holder: the cluster is gone then.
-    while os.path.exists(f"/proc/{pid}"):
-        time.sleep(1.0)
+    asyncio.run(_serve(pid, listeners, Forwarder(max_conns, idle_timeout, first_byte_timeout)))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlfleet._netns")
     ap.add_argument("--pid", type=int, required=True, help="a process inside the namespace")
     ap.add_argument("--ports", required=True, help="comma-separated loopback ports to forward")
+    ap.add_argument("--max-conns", type=int, default=MAX_CONNS, help="client connections held at most")
+    ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, help="seconds without traffic")
+    ap.add_argument(
+        "--first-byte-timeout", type=float, default=FIRST_BYTE_TIMEOUT_S, help="seconds to the first client byte"
+    )
     args = ap.parse_args(argv)
-    forward(args.pid, [int(p) for p in args.ports.split(",") if p])
+    if args.max_conns < 1 or args.idle_timeout <= 0 or args.first_byte_timeout <= 0:
+        ap.error("--max-conns, --idle-timeout and --first-byte-timeout must be positive")
+    forward(
+        args.pid,
+        [int(p) for p in args.ports.split(",") if p],
+        max_conns=args.max_conns,
+        idle_timeout=args.idle_timeout,
+        first_byte_timeout=args.first_byte_timeout,
+    )
     return 0
 
 

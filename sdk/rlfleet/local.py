@@ -8,6 +8,14 @@
 - If namespaces are unavailable (no root and no user namespaces), ``rlfleet local up`` refuses
   with a clear message unless ``RLFLEET_LOCAL_ISOLATION=none`` is set, in which case Ray runs on
   the host network with token auth and rlfleet says which ports are exposed.
+- State is private: ``$RLFLEET_HOME``, ``local/`` and ``runs/`` are 0700; Ray's temp dir lives in a
+  0700 directory of this user under /tmp (Ray makes its own dir 0777); the cluster runs with umask
+  077. A pre-existing temp dir that is not this user's, not a plain directory, or group/world
+  writable makes ``local up`` refuse.
+- Stopping signals only processes of THIS cluster (see ``_cluster_pids``): ``state.json`` records
+  the boot id, the namespace holder's and forwarder's start times and the namespace inode, and a
+  PID is signalled only while all of them still match. Stale state (crash, reboot) is cleared
+  without signalling anyone else.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -28,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rlfleet._netns import proc_start_time
 from rlfleet.errors import ClusterUnreachable, RlfleetError
 from rlfleet.targets import Target, rlfleet_home
 
@@ -46,10 +56,60 @@ def _state_file() -> Path:
     return state_dir() / "state.json"
 
 
-def _ray_temp_dir() -> str:
+def _temp_parent() -> Path:
     # Ray's unix sockets must fit in 107 bytes: keep its temp dir short and per-home.
     digest = hashlib.sha256(str(rlfleet_home().resolve()).encode()).hexdigest()[:8]
-    return f"/tmp/rlfleet-{os.getuid()}-{digest}"  # noqa: S108 - per-user, per-home, mode 0700
+    return Path(f"/tmp/rlfleet-{os.getuid()}-{digest}")  # noqa: S108 - per-user, per-home, mode 0700, checked
+
+
+def _ray_temp_dir() -> str:
+    """Ray's temp dir. Ray chmods it 0777 itself, so it lives inside the private ``_temp_parent()``."""
+    return str(_temp_parent() / "ray")
+
+
+def _private_dir(path: Path, what: str, *, tighten: bool = True) -> None:
+    """Create ``path`` 0700, or check that the existing one is this user's own private directory.
+
+    A symlink, a non-directory, someone else's directory or (unless ``tighten``) a group/world
+    writable one is refused; this user's directory with looser read bits is made 0700.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    how = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        how = "it is a symlink or not a directory"
+    elif st.st_uid != os.getuid():
+        how = f"it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    elif st.st_mode & 0o022 and not tighten:
+        how = f"its mode {stat.S_IMODE(st.st_mode):o} lets other users write into it"
+    if how:
+        raise RlfleetError(
+            f"refusing to use {path} as {what}: {how}. Remove it if nothing of yours uses it "
+            f"('rm -rf {path}') and retry"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _private_home() -> None:
+    """``$RLFLEET_HOME`` and its ``local/`` and ``runs/``: this user's, mode 0700."""
+    home = rlfleet_home()
+    home.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(home, "the rlfleet home (RLFLEET_HOME)")
+    _private_dir(state_dir(), "the local target's state directory")
+    _private_dir(home / "runs", "the local artifact store")
+
+
+def _private_open(path: Path) -> Any:
+    """Open ``path`` for writing with mode 0600 (also when it already exists)."""
+
+    def opener(p: str, flags: int) -> int:
+        fd = os.open(p, flags, 0o600)
+        os.fchmod(fd, 0o600)
+        return fd
+
+    return open(path, "w", opener=opener)
 
 
 def read_state() -> dict[str, Any]:
@@ -76,7 +136,6 @@ def local_target() -> Target:
 
 def _ensure_token() -> str:
     path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -102,7 +161,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -117,9 +176,71 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _netns_inode(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _owned(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def _same_process(st: dict[str, Any], role: str) -> int | None:
+    """The PID recorded for ``role`` if it is still that very process (same boot, start time, owner)."""
+    pid, start = st.get(f"{role}_pid"), st.get(f"{role}_start")
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(start, int) or not st.get("boot_id"):
+        return None  # nothing recorded, or state from before identities were recorded
+    if st["boot_id"] != _boot_id() or proc_start_time(pid) != start or not _alive(pid) or not _owned(pid):
+        return None
+    return pid
+
+
+def _verified_holder(st: dict[str, Any]) -> int | None:
+    """The namespace holder of this cluster, or None: it must be the recorded process (start time),
+    a ``sleep infinity``, in the recorded namespace, and that namespace must not be the caller's."""
+    pid = _same_process(st, "holder")
+    if pid is None:
+        return None
+    ino = _netns_inode(pid)
+    if ino is None or ino != st.get("netns_inode") or ino == _netns_inode("self"):
+        return None
+    try:
+        if Path(f"/proc/{pid}/cmdline").read_bytes() != b"sleep\0infinity\0":
+            return None
+    except OSError:
+        return None
+    return pid
+
+
+def _verified_forwarder(st: dict[str, Any], holder: int | None) -> int | None:
+    pid = _same_process(st, "forwarder")
+    if holder is None or pid is None or _netns_inode(pid) != st.get("netns_inode"):
+        return None
+    return pid
+
+
+def _head_is_ours(st: dict[str, Any]) -> bool:
+    """Does the recorded head still belong to this state? (Health is then checked with our token.)"""
+    if st.get("isolation") == "none":
+        return bool(st.get("boot_id")) and st["boot_id"] == _boot_id()
+    return _verified_holder(st) is not None
+
+
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
-    state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_home()
     with open(state_dir() / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -173,7 +294,12 @@ def _start_holder() -> int:
     cmd += ["sleep", "infinity"]
     try:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            umask=0o077,
         )
     except FileNotFoundError:
         raise RlfleetError("'unshare' (util-linux) is not installed; it isolates the local Ray head") from None
@@ -208,29 +334,44 @@ def _nsenter(pid: int) -> list[str]:
     return cmd
 
 
-def _kill(pid: int | None, sig: int = signal.SIGTERM) -> None:
-    if pid and _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+def _signal(pid: int, start: int | None, sig: int = signal.SIGTERM) -> None:
+    """Signal ``pid`` only if it is still the process that started at ``start`` (no PID reuse)."""
+    if start is None or not _alive(pid):
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # kernel without pidfds: a check-then-kill, the window is microseconds
+        if proc_start_time(pid) == start:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return
+    try:  # the pidfd pins the process: check it is the one we mean, then signal exactly it
+        if proc_start_time(pid) == start:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, sig)
+    finally:
+        os.close(fd)
 
 
 def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int | None = None) -> Target:
     """Start (or reuse) this user's local Ray head. Idempotent; returns the local target."""
     say = echo or (lambda _m: None)
+    isolation = _isolation()
     with _lock():
         st = read_state()
-        if st and _alive(st.get("holder_pid")) and _healthy(local_target()):
+        if st and _head_is_ours(st) and _healthy(local_target()):
             return local_target()
         if st:
             _stop_locked(say, quiet=True)
         _ensure_token()
+        _private_dir(_temp_parent(), "the local Ray head's temp directory", tighten=False)
         temp_dir = _ray_temp_dir()
-        os.makedirs(temp_dir, mode=0o700, exist_ok=True)
         ports = _free_ports(1 + N_SERVE_PORTS)
         dash, serve = ports[0], ports[1:]
-        isolation = _isolation()
         cpus = num_cpus or int(os.environ.get("RLFLEET_LOCAL_CPUS", "0")) or (os.cpu_count() or 1)
-        log = open(state_dir() / "ray-start.log", "w")
+        log = _private_open(state_dir() / "ray-start.log")
         holder = fwd = None
         t0 = time.monotonic()
         try:
@@ -252,12 +393,17 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
+                    umask=0o077,
                 )
                 fwd = fwd_proc.pid
             _write_state(
                 {
+                    "boot_id": _boot_id(),
                     "holder_pid": holder,
+                    "holder_start": proc_start_time(holder) if holder else None,
+                    "netns_inode": _netns_inode(holder) if holder else None,
                     "forwarder_pid": fwd,
+                    "forwarder_start": proc_start_time(fwd) if fwd else None,
                     "dashboard_port": dash,
                     "serve_ports": serve,
                     "isolation": isolation,
@@ -272,8 +418,8 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={cpus}",
                 f"--temp-dir={temp_dir}", "--disable-usage-stats",
             ]  # fmt: skip
-            res = subprocess.run(
-                cmd, env=_ray_env(temp_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=180
+            res = subprocess.run(  # umask 077: everything Ray and the runs create is private
+                cmd, env=_ray_env(temp_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=180, umask=0o077
             )
             if res.returncode != 0:
                 raise RlfleetError(f"'ray start' failed (exit {res.returncode}); see {state_dir() / 'ray-start.log'}")
@@ -297,7 +443,8 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
 
 def _write_state(st: dict[str, Any]) -> None:
     tmp = _state_file().with_suffix(".tmp")
-    tmp.write_text(json.dumps(st))
+    with _private_open(tmp) as f:
+        f.write(json.dumps(st))
     tmp.replace(_state_file())
 
 
@@ -311,64 +458,97 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
     st = read_state()
     if not st:
         return False
-    holder = st.get("holder_pid")
-    temp_dir = st.get("temp_dir") or _ray_temp_dir()
+    # Nothing from the state file is trusted as is: the holder/forwarder PIDs count only while
+    # their identities match, and the temp dir is this home's own, never the recorded path.
+    holder = _verified_holder(st)
+    fwd = _verified_forwarder(st, holder)
     if not quiet:
         say("stopping the local Ray head ...")
-    _stop_cluster_processes(temp_dir, holder)
-    _kill(st.get("forwarder_pid"))
-    _kill(holder)
+    _stop_cluster_processes(_ray_temp_dir(), holder)
+    if fwd is not None:
+        _signal(fwd, st["forwarder_start"])
+    if holder is not None:
+        _signal(holder, st["holder_start"])
     with contextlib.suppress(FileNotFoundError):
         _state_file().unlink()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    _remove_temp_parent()
     return True
 
 
-def _cluster_pids(temp_dir: str, holder: int | None) -> list[int]:
-    """Processes of THIS cluster only: inside its network namespace, or carrying its RAY_TMPDIR.
+def _remove_temp_parent() -> None:
+    """Remove this home's temp dir under /tmp, only if it is this user's real directory."""
+    parent = _temp_parent()
+    try:
+        st = parent.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _cluster_pids(temp_dir: str, holder: int | None = None) -> list[int]:
+    """Processes of THIS cluster only, all owned by this user: inside its network namespace, or
+    carrying this home's ``RAY_TMPDIR`` in their environment.
 
     ``ray stop`` would kill every Ray process of the user on the machine (other clusters too),
-    so the local target stops exactly its own.
+    so the local target stops exactly its own. The rule, so a stale or forged ``state.json``
+    cannot point it at anyone else:
+
+    - the namespace counts only if ``holder`` is the holder verified against the current state
+      (same boot, start time, ``sleep infinity``, recorded namespace inode, not the caller's own
+      namespace);
+    - the environment marker counts only for this home's own temp dir (computed from
+      ``$RLFLEET_HOME``, never taken from the state) -- a path under this user's private /tmp
+      directory that only rlfleet puts into ``RAY_TMPDIR``, for the processes it starts;
+    - a process of another user is never included.
     """
     netns = None
-    if holder and _alive(holder):
-        with contextlib.suppress(OSError):
-            netns = os.readlink(f"/proc/{holder}/ns/net")
-    marker = f"RAY_TMPDIR={temp_dir}".encode()
+    if holder is not None:
+        st = read_state()
+        if _verified_holder(st) == holder:
+            netns = st["netns_inode"]
+    own = (_ray_temp_dir(), str(_temp_parent()))  # the second: heads started before the 0700 parent
+    markers = {f"RAY_TMPDIR={d}".encode() for d in own} if temp_dir in own else set()
     me = os.getpid()
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in (me, holder):
             continue
         pid = int(entry)
+        if not _owned(pid):
+            continue
         try:
-            if netns is not None and os.readlink(f"/proc/{pid}/ns/net") == netns:
+            if netns is not None and _netns_inode(pid) == netns:
                 pids.append(pid)
                 continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    pids.append(pid)
+            if markers:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if markers & set(f.read().split(b"\0")):
+                        pids.append(pid)
         except OSError:
             continue
     return pids
 
 
 def _stop_cluster_processes(temp_dir: str, holder: int | None, grace_s: float = 10.0) -> None:
-    pids = _cluster_pids(temp_dir, holder)
-    for pid in pids:
-        _kill(pid, signal.SIGTERM)
+    procs = {pid: proc_start_time(pid) for pid in _cluster_pids(temp_dir, holder)}
+    for pid, start in procs.items():
+        _signal(pid, start, signal.SIGTERM)
+
+    def running() -> list[int]:
+        return [p for p, s in procs.items() if _alive(p) and proc_start_time(p) == s]
+
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and running():
         time.sleep(0.1)
-    for pid in pids:
-        _kill(pid, signal.SIGKILL)
+    for pid in running():
+        _signal(pid, procs[pid], signal.SIGKILL)
 
 
 def local_status() -> dict[str, Any]:
     st = read_state()
     target = local_target()
-    holder_ok = st.get("isolation") == "none" or _alive(st.get("holder_pid"))
-    up = bool(st) and holder_ok and _healthy(target)
+    up = bool(st) and _head_is_ours(st) and _healthy(target)
     return {
         "running": bool(up),
         "ray_address": target.ray_address if st else None,

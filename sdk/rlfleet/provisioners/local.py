@@ -51,13 +51,13 @@ def scan_leftovers(target: Target) -> list[str]:
     """Anything of the local head still alive or on disk after destroy."""
     import os
 
-    from rlfleet.local import _cluster_pids, _ray_temp_dir, read_state
+    from rlfleet.local import _cluster_pids, _ray_temp_dir, _temp_parent, read_state
 
     left = []
     if read_state():
         left.append("local state file still present")
-    temp = _ray_temp_dir()
-    if os.path.exists(temp):
+    temp = _temp_parent()
+    if os.path.lexists(temp):
         left.append(f"Ray temp dir {temp}")
-    left += [f"Ray process {pid}" for pid in _cluster_pids(temp, None)]
+    left += [f"Ray process {pid}" for pid in _cluster_pids(_ray_temp_dir())]
     return left
