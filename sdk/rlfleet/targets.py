@@ -23,10 +23,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rlfleet._yaml import yaml_problem
 from rlfleet.errors import AuthError, ConfigError, TargetNotFound
 
 TargetKind = Literal["local", "aws", "gcp", "onprem", "ray"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME_RULE = "target names are 1-63 lowercase letters, digits, '-' and '_', starting with a letter or digit"
 
 
 def rlfleet_home() -> Path:
@@ -59,7 +61,7 @@ class Target(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError("target names are lowercase letters, digits, '-' and '_'")
+            raise ValueError(_NAME_RULE)
         return v
 
     @field_validator("token_source")
@@ -71,6 +73,14 @@ class Target(BaseModel):
                 "must be file:PATH, env:VAR, aws-secret:ID or gcp-secret:NAME "
                 "(the token itself never goes into the targets file)"
             )
+        return v
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        scheme, sep, rest = v.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+            raise ValueError("must be an http:// or https:// URL of the Ray dashboard, e.g. https://10.0.0.5:8443")
         return v
 
     @property
@@ -97,6 +107,8 @@ def resolve_token(source: str, *, target: str = "?") -> str:
                 f"target {target!r}: token file {path} does not exist "
                 f"(for local, run 'rlfleet local up'; otherwise check the target's token_source)"
             ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise AuthError(f"target {target!r}: token file {path} is not a regular file; check its token_source")
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise AuthError(
                 f"target {target!r}: token file {path} is readable by other users "
@@ -154,7 +166,10 @@ def _load_raw(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"cannot read the targets file {path}: {why}") from None
     if not isinstance(data, dict) or not isinstance(data.get("targets", {}), dict):
         raise ConfigError(f"{path}: expected a mapping with a 'targets:' mapping of name → target")
     return data
@@ -164,13 +179,30 @@ def load_targets(path: Path | None = None) -> dict[str, Target]:
     path = path or config_path()
     out: dict[str, Target] = {}
     for name, raw in (_load_raw(path).get("targets") or {}).items():
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: target {name!r} must be a mapping of fields, got {type(raw).__name__}")
+        odd = [k for k in (raw or {}) if not isinstance(k, str)]
+        if odd:
+            raise ConfigError(f"{path}: target {name!r}: field names must be strings, got {odd[0]!r}")
         try:
             out[name] = Target(name=name, **{k: v for k, v in (raw or {}).items() if k != "name"})
         except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            raise ConfigError(f"{path}: target {name!r}: {loc}: {first['msg']}") from None
+            raise ConfigError(f"{path}: target {name!r}: {validation_line(err)}") from None
     return out
+
+
+def check_target_name(name: str) -> str:
+    """A usable target name, checked before anything is written for it (token files, the targets file)."""
+    if not _NAME.match(name):
+        raise ConfigError(f"target name {name!r}: {_NAME_RULE}")
+    return name
+
+
+def validation_line(err: ValidationError) -> str:
+    """The first problem of a Target validation error as ``field: what is wrong``."""
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    return f"{loc}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def save_target(target: Target, path: Path | None = None) -> Path:

@@ -108,7 +108,8 @@ def error_line(stderr: str) -> str:
         assert lines == ours and len(ours) == 1, f"expected exactly one line on stderr, got {lines}"
         return ours[0]
     assert len(clicks) == 1, f"no single error line in {lines}"
-    rest = [ln for ln in lines if ln not in clicks and not ln.startswith(("Usage:", "Try '"))]
+    # click's own layout: a usage header, and for a bad choice the choices on tab-indented lines
+    rest = [ln for ln in lines if ln not in clicks and not ln.startswith(("Usage:", "Try '", "\t"))]
     assert not rest, f"stray stderr lines besides click's usage error: {rest}"
     return clicks[0]
 

@@ -182,7 +182,7 @@ def _print_run(info: dict[str, Any]) -> None:
 
 @click.command("runs")
 @target_option
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--stored", is_flag=True, help="List the runs in the target's artifact store (no cluster needed).")
 @json_option
 def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> None:

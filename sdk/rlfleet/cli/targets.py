@@ -78,10 +78,31 @@ def add_cmd(
     as_json: bool,
 ) -> None:
     """Add (or update) a target of KIND from a Pulumi stack, an inventory, or by hand."""
+    from pydantic import ValidationError
+
     from rlfleet.errors import ConfigError
-    from rlfleet.targets import Target, save_target
+    from rlfleet.targets import save_target, validation_line
 
     name = name or kind
+    try:
+        target = _new_target(kind, name, stack, outputs_file, inventory, vault_password_file, address, token_file,
+                             artifact_root, client_artifact_root, ca_cert)
+    except ValidationError as err:  # nothing was written: the target is checked before it is saved
+        raise ConfigError(f"target {name!r}: {validation_line(err)}") from None
+    path = save_target(target)
+    if as_json:
+        print_json(target.model_dump(mode="json"))
+    else:
+        click.echo(f"target {target.name!r} ({target.kind}) saved to {path}: {target.ray_address}")
+
+
+def _new_target(kind: str, name: str, stack: str | None, outputs_file: str | None, inventory: str | None,
+                vault_password_file: str | None, address: str | None, token_file: str | None,
+                artifact_root: str | None, client_artifact_root: str | None, ca_cert: str | None) -> Any:
+    from rlfleet.errors import ConfigError
+    from rlfleet.targets import Target, check_target_name
+
+    check_target_name(name)
     if kind == "ray":
         missing = [
             f
@@ -116,11 +137,7 @@ def add_cmd(
             if v is not None
         }
         target = provisioners.for_kind(kind).target_from(name, kind=kind, **options)
-    path = save_target(target)
-    if as_json:
-        print_json(target.model_dump(mode="json"))
-    else:
-        click.echo(f"target {target.name!r} ({target.kind}) saved to {path}: {target.ray_address}")
+    return target
 
 
 @target_grp.command("remove")
