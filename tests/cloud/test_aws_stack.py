@@ -126,8 +126,8 @@ def test_identity_policy_is_least_privilege(stack: Built) -> None:
     assert by_sid["WriteOwnLogs"]["Resource"] == [log_arn, f"{log_arn}:*"]
     assert by_sid["WriteOwnMetrics"]["Condition"] == {
         "StringEquals": {"cloudwatch:namespace": ["CWAgent", "rlfleet/dev"]}}
-    every_resource = [r for s in doc["Statement"] for r in (s["Resource"] if isinstance(s["Resource"], list)
-                                                              else [s["Resource"]])]
+    every_resource = [r for s in doc["Statement"] if s["Effect"] == "Allow"
+                      for r in (s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]])]
     assert set(every_resource) <= {bucket_arn, f"{bucket_arn}/*", key_arn, secret_arn, log_arn, f"{log_arn}:*", "*"}
     assume = json.loads(stack.one("aws:iam/role:Role").inputs["assumeRolePolicy"])
     assert assume["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
@@ -178,7 +178,7 @@ def test_data_is_retained_and_components_are_typed(stack: Built) -> None:
     types = {r.typ for r in stack.resources if r.typ.startswith("rlfleet:")}
     assert types == {"rlfleet:aws:RayGpuCluster", "rlfleet:aws:Network", "rlfleet:aws:ClusterStorage",
                      "rlfleet:aws:ClusterLogs", "rlfleet:aws:NodeIdentity", "rlfleet:aws:RayHead",
-                     "rlfleet:aws:GpuNodePool", "rlfleet:aws:ClusterMonitoring"}
+                     "rlfleet:aws:GpuNodePool", "rlfleet:aws:ClusterMonitoring", "rlfleet:aws:KitObjects"}
 
 
 def test_outputs(stack: Built) -> None:

@@ -20,17 +20,20 @@ import jsonschema
 import pytest
 import yaml
 from rlfleet_cloud.bootstrap import NodeParams, aws_cloud_config, render_bootstrap
+from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import parse_settings
 
 FILES = Path(__file__).resolve().parents[2] / "infra_cloud" / "shared" / "rlfleet_cloud" / "files"
 SCHEMA = Path(__file__).parent / "data" / "schema-cloud-config-v1.json"
+KIT = KitRef(wheel_uri="s3://b/rlfleet/kit/0123456789abcdef/rlfleet-0.1.0-py3-none-any.whl", sha256="a" * 64,
+             constraints_uri="s3://b/rlfleet/kit/0123456789abcdef/constraints.txt", constraints_sha256="b" * 64)
 
 
 def _script(cloud: str, role: str) -> str:
     s = parse_settings(cloud, {"admin_cidrs": "203.0.113.0/24"}.get, stack="dev")
     return render_bootstrap(s, NodeParams(
         role=role, region="us-east-1", project="p", secret_ref="arn:aws:secretsmanager:us-east-1:1:secret:x",
-        ca_cert_uri="s3://b/rlfleet/cluster/head-ca.pem", artifact_root="s3://b/rlfleet",
+        ca_cert_uri="s3://b/rlfleet/cluster/head-ca.pem", artifact_root="s3://b/rlfleet", kit=KIT,
         head_public_ip="198.51.100.7", head_private_ip="10.42.1.10", log_group="/rlfleet/dev"))
 
 
@@ -64,7 +67,7 @@ def test_bootstrap_embeds_valid_agent_configs_and_refuses_quotes() -> None:
     s = parse_settings("aws", {"admin_cidrs": "203.0.113.0/24"}.get, stack="dev")
     with pytest.raises(ValueError, match="quote or newline"):
         render_bootstrap(s, NodeParams(role="head", region="x", project="", secret_ref="a'; rm -rf /",
-                                       ca_cert_uri="s3://b/c", artifact_root="s3://b"))
+                                       ca_cert_uri="s3://b/c", artifact_root="s3://b", kit=KIT))
 
 
 def test_aws_user_data_is_valid_cloud_config() -> None:

@@ -100,6 +100,7 @@ def test_identity_scoped_to_own_bucket_secret_logs_metrics(stack: Built) -> None
     mine = [r for r in stack.resources if r.inputs.get("member") == member]
     got = sorted((r.typ.split("/")[-1], r.inputs["role"]) for r in mine)
     assert got == [("bucketIAMMember:BucketIAMMember", "roles/storage.objectUser"),
+                   ("bucketIAMMember:BucketIAMMember", "roles/storage.objectViewer"),  # the kit, read-only
                    ("iAMMember:IAMMember", "roles/logging.logWriter"),
                    ("iAMMember:IAMMember", "roles/monitoring.metricWriter"),
                    ("secretIamMember:SecretIamMember", "roles/secretmanager.secretAccessor")]
@@ -152,7 +153,7 @@ def test_alerts_idle_stop_function_and_dashboard(stack: Built) -> None:
 def test_typed_components(stack: Built) -> None:
     assert {r.typ for r in stack.resources if r.typ.startswith("rlfleet:")} == {
         "rlfleet:gcp:RayGpuCluster", "rlfleet:gcp:Network", "rlfleet:gcp:ClusterStorage", "rlfleet:gcp:NodeIdentity",
-        "rlfleet:gcp:RayHead", "rlfleet:gcp:GpuNodePool", "rlfleet:gcp:ClusterMonitoring"}
+        "rlfleet:gcp:RayHead", "rlfleet:gcp:GpuNodePool", "rlfleet:gcp:ClusterMonitoring", "rlfleet:gcp:KitObjects"}
 
 
 def test_config_errors_stop_the_program() -> None:

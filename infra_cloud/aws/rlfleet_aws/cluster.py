@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_aws as aws
+from rlfleet_cloud.kit import checkout_kit
 from rlfleet_cloud.settings import ClusterSettings
 
 from rlfleet import stack_outputs as out
+from rlfleet.kit import Kit, KitError
 
 from .compute import GpuNodePool, NodeArgs, PoolArgs, RayHead
 from .identity import IdentityArgs, NodeIdentity
+from .kit import KitArgs, KitObjects
 from .monitoring import ClusterLogs, ClusterMonitoring, LogsArgs, MonitoringArgs
 from .network import Network, NetworkArgs
 from .storage import ClusterStorage, StorageArgs
@@ -18,9 +21,14 @@ from .storage import ClusterStorage, StorageArgs
 class RayGpuCluster(pulumi.ComponentResource):
     outputs: dict[str, pulumi.Output]
 
-    def __init__(self, name: str, settings: ClusterSettings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, settings: ClusterSettings, opts: pulumi.ResourceOptions | None = None, *,
+                 kit: Kit | None = None) -> None:
         super().__init__("rlfleet:aws:RayGpuCluster", name, None, opts)
         s = settings
+        try:
+            kit = kit or checkout_kit()  # the wheel of this checkout, built when the program runs
+        except KitError as err:
+            raise pulumi.RunError(f"rlfleet-aws: {err}") from None
         child = pulumi.ResourceOptions(parent=self)
         region_res = aws.get_region()
         region = region_res.region or region_res.name
@@ -38,10 +46,12 @@ class RayGpuCluster(pulumi.ComponentResource):
             settings=s, bucket_arn=store.bucket_arn, key_arn=store.key_arn, log_group_arn=logs.log_group_arn,
             secret_arn=store.secret_arn, metric_namespace=namespace), opts=child)
         ca_uri = pulumi.Output.concat("s3://", store.bucket_name, "/", out.CA_CERT_OBJECT)
+        shipped = KitObjects(f"{name}-kit", KitArgs(settings=s, kit=kit, bucket_name=store.bucket_name,
+                                                    key_arn=store.key_arn), opts=child)
         node = NodeArgs(settings=s, ami_id=ami.id, subnet_id=net.subnet_id, security_group_id=net.security_group_id,
                         instance_profile=ident.instance_profile, key_arn=store.key_arn, region=region,
                         secret_arn=store.secret_arn, ca_cert_uri=ca_uri, artifact_root=store.artifact_root,
-                        log_group=logs.log_group_name)
+                        log_group=logs.log_group_name, kit=shipped.ref)
         head = RayHead(f"{name}-head", node, opts=child)
         pool = GpuNodePool(f"{name}-workers", PoolArgs(node=node, head_private_ip=head.private_ip), opts=child)
         mon = ClusterMonitoring(f"{name}-mon", MonitoringArgs(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 from rlfleet_cloud.bootstrap import NodeParams, aws_cloud_config, render_bootstrap
+from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import ClusterSettings
 
 from .common import tags
@@ -28,6 +29,7 @@ class NodeArgs:
     ca_cert_uri: pulumi.Input[str]
     artifact_root: pulumi.Input[str]
     log_group: pulumi.Input[str]
+    kit: pulumi.Input[KitRef]
 
 
 def _instance(name: str, a: NodeArgs, *, role: str, instance_type: str, user_data: pulumi.Input[str],
@@ -72,10 +74,10 @@ class RayHead(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         eip = aws.ec2.Eip(f"{name}-ip", domain="vpc", tags=tags(s.stack, "head-ip"), opts=child)
         user_data = pulumi.Output.all(eip.public_ip, args.secret_arn, args.ca_cert_uri, args.artifact_root,
-                                      args.log_group).apply(
+                                      args.log_group, args.kit).apply(
             lambda v: aws_cloud_config(render_bootstrap(s, NodeParams(
                 role="head", region=args.region, project="", secret_ref=v[1], ca_cert_uri=v[2],
-                artifact_root=v[3], head_public_ip=v[0], log_group=v[4]))))
+                artifact_root=v[3], head_public_ip=v[0], log_group=v[4], kit=v[5]))))
         inst = _instance(f"{name}-vm", args, role="head", instance_type=s.head_instance_type,
                          user_data=user_data, spot=False, parent=self, public_ip=False)
         aws.ec2.EipAssociation(f"{name}-ip-assoc", instance_id=inst.id, allocation_id=eip.allocation_id,
@@ -100,10 +102,10 @@ class GpuNodePool(pulumi.ComponentResource):
         a = args.node
         s = a.settings
         user_data = pulumi.Output.all(args.head_private_ip, a.secret_arn, a.ca_cert_uri, a.artifact_root,
-                                      a.log_group).apply(
+                                      a.log_group, a.kit).apply(
             lambda v: aws_cloud_config(render_bootstrap(s, NodeParams(
                 role="worker", region=a.region, project="", secret_ref=v[1], ca_cert_uri=v[2],
-                artifact_root=v[3], head_private_ip=v[0], log_group=v[4]))))
+                artifact_root=v[3], head_private_ip=v[0], log_group=v[4], kit=v[5]))))
         # Workers get a public address for package installs only; the security group admits
         # nothing from outside the cluster except SSH from the admin CIDRs.
         self.instances = [

@@ -10,6 +10,7 @@ import pulumi
 import pulumi_aws as aws
 from rlfleet_cloud.settings import ClusterSettings
 
+from rlfleet.kit import KIT_OBJECT_PREFIX
 from rlfleet.stack_outputs import CA_CERT_OBJECT
 
 from .common import tags
@@ -31,6 +32,11 @@ def node_policy_document(*, bucket_arn: str, key_arn: str, log_group_arn: str, s
             {"Sid": "ReadWriteOwnObjects", "Effect": "Allow",
              "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
              "Resource": [f"{bucket_arn}/*"]},
+            # the kit the nodes install is the stack's to ship: nodes read it, never replace it
+            {"Sid": "KitIsReadOnly", "Effect": "Deny",
+             "Action": ["s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion", "s3:PutObjectAcl",
+                        "s3:PutObjectTagging", "s3:RestoreObject"],
+             "Resource": [f"{bucket_arn}/{KIT_OBJECT_PREFIX}/*"]},
             {"Sid": "UseOwnKey", "Effect": "Allow",
              "Action": ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:DescribeKey"],
              "Resource": [key_arn]},

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_gcp as gcp
+from rlfleet_cloud.kit import checkout_kit
 from rlfleet_cloud.settings import ClusterSettings
 
 from rlfleet import stack_outputs as out
+from rlfleet.kit import Kit, KitError
 
 from .compute import GpuNodePool, NodeArgs, PoolArgs, RayHead
 from .foundation import ClusterStorage, IdentityArgs, Network, NetworkArgs, NodeIdentity, StorageArgs
+from .kit import KitArgs, KitObjects
 from .monitoring import ClusterMonitoring, MonitoringArgs
 
 
@@ -17,9 +20,13 @@ class RayGpuCluster(pulumi.ComponentResource):
     outputs: dict[str, pulumi.Output]
 
     def __init__(self, name: str, settings: ClusterSettings, *, region: str,
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+                 opts: pulumi.ResourceOptions | None = None, kit: Kit | None = None) -> None:
         super().__init__("rlfleet:gcp:RayGpuCluster", name, None, opts)
         s = settings
+        try:
+            kit = kit or checkout_kit()  # the wheel of this checkout, built when the program runs
+        except KitError as err:
+            raise pulumi.RunError(f"rlfleet-gcp: {err}") from None
         child = pulumi.ResourceOptions(parent=self)
         proj = gcp.organizations.get_project()
         project, number = proj.project_id, proj.number
@@ -34,9 +41,12 @@ class RayGpuCluster(pulumi.ComponentResource):
         ident = NodeIdentity(f"{name}-id", IdentityArgs(settings=s, project=project, bucket_name=store.bucket_name,
                                                         secret_id=store.secret_id), opts=child)
         ca_uri = pulumi.Output.concat("gs://", store.bucket_name, "/", out.CA_CERT_OBJECT)
+        shipped = KitObjects(f"{name}-kit", KitArgs(kit=kit, bucket_name=store.bucket_name, key_id=store.key_id),
+                             opts=child)
         node = NodeArgs(settings=s, zone=zone, region=region, project=project, image=image,
                         subnetwork=net.subnetwork, service_account=ident.email, key_id=store.key_id,
-                        secret_id=store.secret_id, ca_cert_uri=ca_uri, artifact_root=store.artifact_root)
+                        secret_id=store.secret_id, ca_cert_uri=ca_uri, artifact_root=store.artifact_root,
+                        kit=shipped.ref)
         head = RayHead(f"{name}-head", node, opts=child)
         pool = GpuNodePool(f"{name}-workers", PoolArgs(node=node, head_private_ip=head.private_ip), opts=child)
         mon = ClusterMonitoring(f"{name}-mon", MonitoringArgs(settings=s, region=region, project=project,

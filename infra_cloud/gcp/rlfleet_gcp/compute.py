@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_gcp as gcp
 from rlfleet_cloud.bootstrap import NodeParams, render_bootstrap
+from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import ClusterSettings
 
 from .common import labels, net_tag
@@ -28,6 +29,7 @@ class NodeArgs:
     secret_id: pulumi.Input[str]
     ca_cert_uri: pulumi.Input[str]
     artifact_root: pulumi.Input[str]
+    kit: pulumi.Input[KitRef]
 
 
 def _scheduling(s: ClusterSettings, *, spot: bool) -> dict:
@@ -88,10 +90,11 @@ class RayHead(pulumi.ComponentResource):
         internal = gcp.compute.Address(f"{name}-internal-ip", name=f"rlfleet-{s.stack}-head-internal",
                                        region=args.region, address_type="INTERNAL", subnetwork=args.subnetwork,
                                        labels=labels(s.stack, "head"), opts=child)
-        startup = pulumi.Output.all(ext.address, args.secret_id, args.ca_cert_uri, args.artifact_root).apply(
+        startup = pulumi.Output.all(ext.address, args.secret_id, args.ca_cert_uri, args.artifact_root,
+                                    args.kit).apply(
             lambda v: render_bootstrap(s, NodeParams(role="head", region=args.region, project=args.project,
                                                      secret_ref=v[1], ca_cert_uri=v[2], artifact_root=v[3],
-                                                     head_public_ip=v[0])))
+                                                     head_public_ip=v[0], kit=v[4])))
         vm = _vm(f"{name}-vm", args, role="head", machine_type=s.head_instance_type, startup=startup, gpus=0,
                  spot=False, network_ip=internal.address, nat_ip=ext.address, parent=self)
         self.name = vm.name
@@ -113,10 +116,11 @@ class GpuNodePool(pulumi.ComponentResource):
         super().__init__("rlfleet:gcp:GpuNodePool", name, None, opts)
         a = args.node
         s = a.settings
-        startup = pulumi.Output.all(args.head_private_ip, a.secret_id, a.ca_cert_uri, a.artifact_root).apply(
+        startup = pulumi.Output.all(args.head_private_ip, a.secret_id, a.ca_cert_uri, a.artifact_root,
+                                    a.kit).apply(
             lambda v: render_bootstrap(s, NodeParams(role="worker", region=a.region, project=a.project,
                                                      secret_ref=v[1], ca_cert_uri=v[2], artifact_root=v[3],
-                                                     head_private_ip=v[0])))
+                                                     head_private_ip=v[0], kit=v[4])))
         # Workers have no external address; they reach package mirrors through Cloud NAT.
         self.instances = [
             _vm(f"{name}-{i}", a, role=f"worker-{i}", machine_type=s.worker_instance_type, startup=startup,

@@ -9,6 +9,7 @@ import pulumi_gcp as gcp
 import pulumi_random as random
 from rlfleet_cloud.settings import ClusterSettings
 
+from rlfleet.kit import KIT_OBJECT_PREFIX
 from rlfleet.stack_outputs import ARTIFACT_PREFIX
 
 from .common import labels, net_tag
@@ -150,8 +151,18 @@ class NodeIdentity(pulumi.ComponentResource):
                                         description=f"rlfleet-stack={s.stack} rlfleet-managed=true",
                                         opts=child)
         member = pulumi.Output.concat("serviceAccount:", sa.email)
+        # Objects of its bucket: read/write, except the kit the nodes install, which they may only
+        # read (the stack ships it). IAM conditions on object names (uniform bucket-level access).
+        kit_objects = pulumi.Output.concat('resource.name.startsWith("projects/_/buckets/', args.bucket_name,
+                                           f'/objects/{KIT_OBJECT_PREFIX}/")')
         gcp.storage.BucketIAMMember(f"{name}-bucket", bucket=args.bucket_name, role="roles/storage.objectUser",
-                                    member=member, opts=child)
+                                    member=member, opts=child,
+                                    condition={"title": "not-the-kit", "description": "all but the shipped kit",
+                                               "expression": pulumi.Output.concat("!", kit_objects)})
+        gcp.storage.BucketIAMMember(f"{name}-kit", bucket=args.bucket_name, role="roles/storage.objectViewer",
+                                    member=member, opts=child,
+                                    condition={"title": "the-kit", "description": "read the shipped kit",
+                                               "expression": kit_objects})
         gcp.secretmanager.SecretIamMember(f"{name}-secret", secret_id=args.secret_id,
                                           role="roles/secretmanager.secretAccessor", member=member, opts=child)
         for role in NODE_PROJECT_ROLES:

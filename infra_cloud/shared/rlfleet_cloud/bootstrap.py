@@ -3,7 +3,9 @@
 AWS receives it as cloud-init user data (``#cloud-config`` with ``write_files`` + ``runcmd``),
 GCP as the ``startup-script`` metadata value (runs on every boot; the script is idempotent).
 Every value is shell-quoted; the script carries references (secret ARN/name, bucket URI), never
-the token itself.
+the token itself. The kit comes from the stack's bucket (``KitRef``: object URIs and sha256): the
+node fetches it with its own identity, refuses a file whose sha256 differs, and pip-installs the
+wheel by path (``rlfleet[...] @ file://...``), so the name ``rlfleet`` is never looked up on an index.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rlfleet.stack_outputs import (
     PORT_RAY_METRICS,
 )
 
+from .kit import KIT_EXTRAS, KitRef
 from .settings import ClusterSettings
 
 FILES = Path(__file__).parent / "files"
@@ -38,6 +41,7 @@ class NodeParams:
     secret_ref: str  # aws: secret ARN; gcp: secret id
     ca_cert_uri: str
     artifact_root: str
+    kit: KitRef
     head_public_ip: str = ""  # head only: the static address clients use
     head_private_ip: str = ""  # workers only
     log_group: str = ""  # aws only
@@ -188,7 +192,12 @@ def render_bootstrap(settings: ClusterSettings, p: NodeParams) -> str:
         "REGION": p.region,
         "PROJECT": p.project,
         "RAY_VERSION": settings.ray_version,
-        "KIT_SPEC": settings.kit_spec,
+        "KIT_URI": p.kit.wheel_uri,
+        "KIT_WHEEL": p.kit.wheel_name,
+        "KIT_SHA256": p.kit.sha256,
+        "KIT_CONSTRAINTS_URI": p.kit.constraints_uri,
+        "KIT_CONSTRAINTS_SHA256": p.kit.constraints_sha256,
+        "KIT_EXTRAS": KIT_EXTRAS[settings.cloud],
         "API_PORT": str(settings.api_port),
         "SECRET_REF": p.secret_ref,
         "CA_CERT_URI": p.ca_cert_uri,

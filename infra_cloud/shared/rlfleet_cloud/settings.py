@@ -90,14 +90,12 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "worker_instance_type": "g5.xlarge",
         "image_family": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
         "image_owner": "amazon",
-        "kit_spec": "rlfleet[agents,aws]==0.1.0",
     },
     "gcp": {
         "head_instance_type": "n2-standard-4",
         "worker_instance_type": "g2-standard-8",
         "image_family": "common-cu128-ubuntu-2204-nvidia-570",
         "image_owner": "deeplearning-platform-release",
-        "kit_spec": "rlfleet[agents,gcp]==0.1.0",
     },
     "common": {
         "network_cidr": "10.42.0.0/16",
@@ -148,7 +146,6 @@ class ClusterSettings:
     checkpoint_archive_days: int
     log_retention_days: int
     ray_version: str
-    kit_spec: str
     secure_boot: bool
     alert_email: str
     zone: str = ""  # aws: availability zone; gcp: zone ("" = first zone of the region)
@@ -250,7 +247,11 @@ def _gpu(cloud: str, worker_type: str, gpu_type: str | None, gpu_count: str | No
     return gpu_type, _int("gpu_count", gpu_count, 1, 16)
 
 
-_PIP_SPEC = re.compile(r"^[A-Za-z0-9_.\-\[\],=<>~!+ ]+$|^(https|git\+https)://[^\s'\"`$;|&]+$")
+# Keys of earlier versions that would now be ignored: refused with the way out.
+_REMOVED = {
+    "kit_spec": "the stack now ships the wheel of the checkout it runs from (objects in its bucket, "
+                "installed pinned by sha256); remove it with: pulumi config rm kit_spec",
+}
 
 
 def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) -> ClusterSettings:
@@ -276,9 +277,9 @@ def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) 
     api_port = _int("api_port", val("api_port"), 1024, 65535)
     if api_port in (6379, 8265, 10001, 8080):
         raise StackConfigError(f"config api_port: {api_port} is one of Ray's own ports; use e.g. 8443")
-    kit_spec = val("kit_spec")
-    if not _PIP_SPEC.match(kit_spec):
-        raise StackConfigError(f"config kit_spec: {kit_spec!r} is not a plain pip requirement or https URL")
+    for key, why in _REMOVED.items():
+        if get(key) is not None:
+            raise StackConfigError(f"config {key} is no longer used: {why}")
     ray_version = val("ray_version")
     if not re.fullmatch(r"\d+\.\d+\.\d+", ray_version):
         raise StackConfigError(f"config ray_version: {ray_version!r} is not a version like 2.60.0")
@@ -314,7 +315,6 @@ def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) 
         checkpoint_archive_days=_int("checkpoint_archive_days", val("checkpoint_archive_days"), 1, 3650),
         log_retention_days=_int("log_retention_days", val("log_retention_days"), 1, 3653),
         ray_version=ray_version,
-        kit_spec=kit_spec,
         secure_boot=_bool("secure_boot", val("secure_boot")),
         alert_email=email,
         zone=val("zone"),

@@ -1,8 +1,9 @@
 #!/bin/bash
 # rlfleet node bootstrap, rendered by infra_cloud/shared/rlfleet_cloud/bootstrap.py.
-# Installs the kit in /opt/rlfleet/venv, fetches the Ray token from the cloud's secret store
-# (never from this script), starts Ray with token auth as systemd units, and on the head puts
-# a TLS endpoint in front of Ray's dashboard / Jobs API. Safe to run again on every boot.
+# Installs the kit the stack shipped (objects in its bucket, pinned by sha256) in /opt/rlfleet/venv,
+# fetches the Ray token from the cloud's secret store (never from this script), starts Ray with
+# token auth as systemd units, and on the head puts a TLS endpoint in front of Ray's dashboard /
+# Jobs API. Safe to run again on every boot.
 set -euo pipefail
 umask 077
 exec >>/var/log/rlfleet-bootstrap.log 2>&1
@@ -44,6 +45,57 @@ publish_ca() {
   esac
 }
 
+fetch_object() {
+  case "$CLOUD" in
+    aws) aws s3 cp --region "$REGION" --only-show-errors "$1" "$2" ;;
+    gcp) gcloud storage cp --quiet "$1" "$2" ;;
+  esac
+}
+
+# Fetch one kit file from the stack's bucket with this node's identity; keep it only if its
+# sha256 is the one the stack shipped (the value in this script, not anything next to the object).
+fetch_verified() {
+  local uri="$1" dest="$2" want="$3" part got
+  part="$(mktemp "${dest}.part.XXXXXX")"
+  if ! fetch_object "$uri" "$part"; then
+    rm -f "$part"
+    log "cannot fetch ${uri} with this node's identity; the kit is not installed"
+    return 1
+  fi
+  got="$(sha256sum "$part" | cut -d' ' -f1)"
+  if [ "$got" != "$want" ]; then
+    rm -f "$part"
+    log "REFUSED ${uri}: its sha256 ${got} is not the ${want} this stack shipped; the kit is not installed"
+    return 1
+  fi
+  chmod 0644 "$part"
+  mv -f "$part" "$dest"
+}
+
+# Install the shipped kit into <prefix>/venv: the wheel by path (a direct reference, so pip never
+# looks the name rlfleet up on an index), its dependencies pinned by the shipped constraints.
+# Nothing to do when that sha256 is already installed. A subshell: the venv must be readable by
+# the Ray user whatever this script's umask.
+install_kit() (
+  umask 022
+  local prefix="$1"
+  local kit="${prefix}/kit"
+  if [ "$(cat "${kit}/installed.sha256" 2>/dev/null)" = "$KIT_SHA256" ] && [ -x "${prefix}/venv/bin/ray" ]; then
+    return 0
+  fi
+  log "installing the kit ${KIT_WHEEL} (sha256 ${KIT_SHA256}) and ray ${RAY_VERSION}"
+  install -d -m 0755 "$kit"
+  fetch_verified "$KIT_URI" "${kit}/${KIT_WHEEL}" "$KIT_SHA256"
+  fetch_verified "$KIT_CONSTRAINTS_URI" "${kit}/constraints.txt" "$KIT_CONSTRAINTS_SHA256"
+  [ -x "${prefix}/venv/bin/python" ] || python3 -m venv "${prefix}/venv"
+  "${prefix}/venv/bin/pip" install --quiet --disable-pip-version-check -c "${kit}/constraints.txt" \
+    "ray[default]==${RAY_VERSION}" "rlfleet[${KIT_EXTRAS}] @ file://${kit}/${KIT_WHEEL}"
+  # a new build of the same version replaces the installed kit (its dependencies are in place)
+  "${prefix}/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+    "${kit}/${KIT_WHEEL}"
+  printf '%s\n' "$KIT_SHA256" >"${kit}/installed.sha256"
+)
+
 @@GEN_HEAD_CERT@@
 
 @@SETUP_MONITORING@@
@@ -55,12 +107,7 @@ fi
 install -d -m 0750 -o root -g rlfleet /etc/rlfleet
 install -d -m 0755 /opt/rlfleet
 
-if [ ! -x /opt/rlfleet/venv/bin/ray ]; then
-  log "installing ray ${RAY_VERSION} and ${KIT_SPEC}"
-  python3 -m venv /opt/rlfleet/venv
-  /opt/rlfleet/venv/bin/pip install --quiet --upgrade pip
-  /opt/rlfleet/venv/bin/pip install --quiet "ray[default]==${RAY_VERSION}" "${KIT_SPEC}"
-fi
+install_kit /opt/rlfleet
 
 # The token goes straight from the secret store into a 0600 file owned by the Ray user.
 token_tmp="$(mktemp /etc/rlfleet/.ray_token.XXXXXX)"
