@@ -44,7 +44,7 @@ class OnnxPolicy:
             raise ObservationError(f"batch of {len(observations)} observations is over the limit of {max_batch}")
         try:
             arr = np.asarray(observations, dtype=np.float64)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # OverflowError: an integer beyond float range
             raise ObservationError(
                 f"observations must be numbers, each of shape {list(self._shape)} (ragged or non-numeric input)"
             ) from None

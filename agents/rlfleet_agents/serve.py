@@ -91,7 +91,7 @@ class PolicyApp:
                 break
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
             return await _reply(send, 422, {"error": "body is not valid JSON; send {\"observations\": [[...]]}"})
         if not isinstance(payload, dict) or "observations" not in payload:
             return await _reply(send, 422, {"error": "body must be a JSON object with an 'observations' list"})
