@@ -270,8 +270,9 @@ def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) 
             ipaddress.ip_network(val(key), strict=True)
         except ValueError as err:
             raise StackConfigError(f"config {key}: {val(key)!r} is not a valid CIDR ({err})") from None
-    if not ipaddress.ip_network(val("subnet_cidr")).subnet_of(ipaddress.ip_network(val("network_cidr"))):  # type: ignore[arg-type]
-        raise StackConfigError("config subnet_cidr must lie inside network_cidr")
+    net, sub = ipaddress.ip_network(val("network_cidr")), ipaddress.ip_network(val("subnet_cidr"))
+    if sub.version != net.version or not sub.subnet_of(net):  # type: ignore[arg-type]
+        raise StackConfigError(f"config subnet_cidr: {sub} must lie inside network_cidr {net}")
     worker_type = val("worker_instance_type")
     gpu_type, gpu_count = _gpu(cloud, worker_type, get("gpu_type"), get("gpu_count"))
     api_port = _int("api_port", val("api_port"), 1024, 65535)
