@@ -76,20 +76,21 @@ def _private_dir(path: Path, what: str, *, tighten: bool = True) -> None:
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     st = path.lstat()
-    how = None
+    remove = f"remove it ('rm -rf {path}') if nothing of yours uses it, and retry"
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        how = "it is a symlink or not a directory"
+        how = f"it is a symlink or not a directory; {remove}"
     elif st.st_uid != os.getuid():
-        how = f"it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
-    elif st.st_mode & 0o022 and not tighten:
-        how = f"its mode {stat.S_IMODE(st.st_mode):o} lets other users write into it"
-    if how:
-        raise RlfleetError(
-            f"refusing to use {path} as {what}: {how}. Remove it if nothing of yours uses it "
-            f"('rm -rf {path}') and retry"
+        how = (
+            f"it belongs to uid {st.st_uid}, not to you (uid {os.getuid()}), who could read or replace what "
+            "rlfleet puts there; have it removed, or set RLFLEET_HOME to another directory"
         )
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    elif st.st_mode & 0o022 and not tighten:
+        how = f"its mode {stat.S_IMODE(st.st_mode):o} lets other users write into it; {remove}"
+    else:
+        if st.st_mode & 0o077:
+            os.chmod(path, 0o700)
+        return
+    raise RlfleetError(f"refusing to use {path} as {what}: {how}")
 
 
 def _private_home() -> None:

@@ -56,7 +56,8 @@ _SANDBOX = textwrap.dedent(
     home = Path(sys.argv[1])
     os.environ["RLFLEET_HOME"] = str(home)
     os.environ.pop("RLFLEET_LOCAL_ISOLATION", None)
-    from rlfleet import local
+    from rlfleet import RunSpec, local, submit_run
+    from rlfleet.errors import RlfleetError
     from rlfleet.provisioners import local as prov
 
     def sleeper(env=None):
@@ -111,6 +112,10 @@ _SANDBOX = textwrap.dedent(
           "forwarder_pid": inside.pid, "forwarder_start": start(inside.pid)}),
         ("isolation none, temp_dir of someone else", "local_down",
          {**base, "isolation": "none", "boot_id": boot, "holder_pid": None, "forwarder_pid": None}),
+        ("submit_run finds stale state", "submit",
+         {**base, "isolation": "netns", "boot_id": boot, "holder_pid": holder.pid,
+          "holder_start": start(holder.pid) + 1, "netns_inode": host_ns,
+          "forwarder_pid": fwd.pid, "forwarder_start": start(fwd.pid)}),
     ]
     out = []
     for name, op, st in scenarios:
@@ -118,6 +123,17 @@ _SANDBOX = textwrap.dedent(
         local._state_file().write_text(json.dumps(st))
         if op == "local_down":
             local.local_down()
+        elif op == "submit":
+            # submit_run clears the stale state, then stops before starting Ray: the temp dir is a symlink
+            (home.parent / "elsewhere").mkdir(exist_ok=True)
+            local._temp_parent().symlink_to(home.parent / "elsewhere")
+            try:
+                submit_run(RunSpec(kind="train", agent="random", budget={"steps": 10}), target="local")
+                sys.exit("submit_run started a head")
+            except RlfleetError as err:
+                assert "symlink" in str(err), err
+            finally:
+                local._temp_parent().unlink()
         else:
             prov.destroy(local.local_target(), delete_data=False, echo=lambda m: None)
         time.sleep(0.3)
@@ -355,7 +371,10 @@ def test_forwarder_drops_idle_connections_and_caps_their_number(netns_upstream) 
     assert fwd.stdout is not None
     line = fwd.stdout.readline()  # printed once listening and inside the namespace
     assert "forwarding" in line, line + (fwd.stdout.read() if fwd.poll() is not None else "")
-    assert _get(port).endswith(b"hello")
+    deadline = time.monotonic() + 20  # the server inside the namespace may still be starting
+    while not _get(port).endswith(b"hello"):
+        assert time.monotonic() < deadline, "no answer through the forwarder"
+        time.sleep(0.2)
     # a connection that never sends a byte is dropped after the first-byte timeout
     idle = socket.create_connection(("127.0.0.1", port))
     took = _closed_within(idle, 5)

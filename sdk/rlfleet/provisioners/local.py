@@ -57,7 +57,7 @@ def scan_leftovers(target: Target) -> list[str]:
     if read_state():
         left.append("local state file still present")
     temp = _temp_parent()
-    if os.path.lexists(temp):
+    if os.path.lexists(temp) and temp.lstat().st_uid == os.getuid():  # someone else's is not ours to remove
         left.append(f"Ray temp dir {temp}")
     left += [f"Ray process {pid}" for pid in _cluster_pids(_ray_temp_dir())]
     return left
