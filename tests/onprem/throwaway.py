@@ -28,7 +28,10 @@ CACHE_DIR = Path(os.environ.get("RLFLEET_TEST_CACHE", "/var/cache/rlfleet-test")
 MIRROR = os.environ.get("RLFLEET_TEST_MIRROR", "http://deb.debian.org/debian")
 INCLUDE = "python3,python3-apt,systemd,systemd-sysv,dbus,iproute2,ca-certificates,curl"
 TARBALL = CACHE_DIR / "bookworm-minbase-v1.tar.zst"
-# apt's download cache, shared by every throwaway host (bind-mounted): repeated runs fetch less.
+# apt's download cache shared by every throwaway host: each host gets its own archives dir seeded
+# from it (hard links) and gives new downloads back when it stops. Bind-mounting the shared dir
+# itself let two test sessions' hosts fight over apt's archives lock ("Could not get lock
+# /var/cache/apt/archives/lock. It is held by process 0"), failing a converge.
 APT_CACHE = CACHE_DIR / "apt-archives"
 VENV_BIN = Path(sys.executable).parent
 
@@ -74,6 +77,7 @@ class ThrowawayHost:
         self.host_ip = f"10.251.{n}.1"
         self.ip = f"10.251.{n}.2"
         self.root = workdir / "root"
+        self.apt_dir = workdir / "apt-archives"
         self.veth = f"ve-{self.name}"
         self.nspawn: subprocess.Popen | None = None
         self.proxy: subprocess.Popen | None = None
@@ -121,6 +125,13 @@ class ThrowawayHost:
         if Path(f"/sys/class/net/{self.veth}").exists():
             _run("ip", "link", "del", self.veth, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+        for deb in self.apt_dir.glob("*.deb"):  # give this host's downloads to the shared cache
+            if not (APT_CACHE / deb.name).exists():
+                tmp = APT_CACHE / f".{deb.name}.{os.getpid()}"
+                with contextlib.suppress(OSError):
+                    _link_or_copy(deb, tmp)
+                    tmp.replace(APT_CACHE / deb.name)
+        shutil.rmtree(self.apt_dir, ignore_errors=True)
 
     # -- steps ----------------------------------------------------------------------------------
     def _prepare_root(self) -> None:
@@ -136,11 +147,14 @@ class ThrowawayHost:
 
     def _boot(self) -> None:
         log = (self.workdir / "nspawn.log").open("w")
-        (APT_CACHE / "partial").mkdir(parents=True, exist_ok=True)
-        os.chown(APT_CACHE / "partial", 42, 65534)  # Debian's _apt user downloads into partial/
+        APT_CACHE.mkdir(parents=True, exist_ok=True)
+        (self.apt_dir / "partial").mkdir(parents=True, exist_ok=True)
+        os.chown(self.apt_dir / "partial", 42, 65534)  # Debian's _apt user downloads into partial/
+        for deb in APT_CACHE.glob("*.deb"):
+            _link_or_copy(deb, self.apt_dir / deb.name)
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--boot", "--network-veth", "--register=no", "--keep-unit",
-             "--console=passive", f"--bind={APT_CACHE}:/var/cache/apt/archives",
+             "--console=passive", f"--bind={self.apt_dir}:/var/cache/apt/archives",
              "-M", self.name, "-D", str(self.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_LOG_LEVEL": "warning"},
@@ -210,6 +224,15 @@ class ThrowawayHost:
     def path(self, inside: str) -> Path:
         """A path inside the container as the host reaches it."""
         return self.root / inside.lstrip("/")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        pass
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
 
 
 def _children(pid: int) -> list[int]:
