@@ -1,18 +1,15 @@
 """Entry point of every run on a target: ``python -m rlfleet_agents.run [SPEC_FILE]``.
 
-Environment contract (set by the SDK through Ray's runtime_env; never secrets):
-  RLFLEET_RUN_ID            the run id
-  RLFLEET_ARTIFACT_ROOT     fsspec URI of the artifact root as the cluster sees it
-  RLFLEET_STORAGE_OPTIONS   JSON fsspec options (optional)
-  RLFLEET_SPEC              the RunSpec as JSON (or give a spec file as the argument)
-  RLFLEET_TARGET            target name (a metrics label)
-  RLFLEET_SOURCE_URI        eval/deploy: <root>/runs/<id> of the run to use
-  RLFLEET_RESUME_URI        train with resume_from: <root>/runs/<id> to continue from
-  RLFLEET_SERVE_PORTS       deploy: comma list of ports the server may bind (optional)
-  RLFLEET_SERVE_TOKEN_FILE  deploy: bearer token file (else RAY_AUTH_TOKEN_PATH)
-  RLFLEET_METRICS_LINGER_S  keep the process alive this long after the last metrics (scrapes)
+Everything the run needs comes in one variable, ``RLFLEET_ENVELOPE``: the SDK's
+:class:`rlfleet.envelope.RunEnvelope` (run id, artifact root, spec, source/resume runs, the
+deployment token's sha256, ...). The runtime acts on what the SDK decided and never re-checks
+facts about the submitting machine. A run submitted by another rlfleet version is refused at once,
+naming both versions. A spec file argument replaces the envelope's spec (for debugging by hand).
+Other variables: ``RLFLEET_METRICS_LINGER_S`` keeps the process alive this long after the last
+metrics (scrapes).
 
-Artifacts: spec.json first; metrics.jsonl while running; checkpoints/; policy.onnx (+ policy.pt);
+Artifacts: spec.json first; metrics/ segments while running, metrics.jsonl when it ends (see
+rlfleet_agents.metrics); checkpoints/; policy.onnx (+ policy.pt);
 eval.json (eval); endpoint.json (deploy); manifest.json last, only on success.
 On error: one line on stderr (``rlfleet: error: run <id>: ...``), a non-zero exit code, no manifest.
 
@@ -21,21 +18,23 @@ The 'random' agent path imports no torch, so short runs start fast.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rlfleet.artifacts import RunArtifacts, open_run
+from rlfleet.envelope import EnvelopeError, RunEnvelope
 from rlfleet.errors import IncompleteRunError, RlfleetError
 from rlfleet.spec import Kind, RunSpec
 
 EXIT_ERROR = 1
 EXIT_TERMINATED = 143
+# a run's own store operations (checkpoints, manifest, sources) ride out store outages this long
+STORE_RETRY_S = 300.0
 
 
 class RunError(Exception):
@@ -44,48 +43,35 @@ class RunError(Exception):
 
 @dataclass
 class RunContext:
-    run_id: str
-    root: str
-    storage_options: dict[str, Any]
+    envelope: RunEnvelope
     spec: RunSpec
-    target: str
-    source_uri: str | None = None
-    resume_uri: str | None = None
-    serve_ports: list[int] = field(default_factory=list)
     arts: RunArtifacts | None = None
     stop_requested: bool = False
 
     @classmethod
     def from_env(cls, argv: list[str]) -> RunContext:
-        env = os.environ
-        missing = [k for k in ("RLFLEET_RUN_ID", "RLFLEET_ARTIFACT_ROOT") if not env.get(k)]
-        if argv:
-            spec = RunSpec.from_file(argv[0])
-        elif env.get("RLFLEET_SPEC"):
-            spec = RunSpec.from_json(env["RLFLEET_SPEC"])
-        else:
-            missing.append("RLFLEET_SPEC (or a spec file argument)")
-        if missing:
-            raise RunError(f"missing environment: {', '.join(missing)}; runs are started by rlfleet's submit_run()")
-        try:
-            opts = json.loads(env.get("RLFLEET_STORAGE_OPTIONS") or "{}")
-        except json.JSONDecodeError as err:
-            raise RunError(f"RLFLEET_STORAGE_OPTIONS is not valid JSON: {err}") from None
-        try:
-            ports = [int(p) for p in (env.get("RLFLEET_SERVE_PORTS") or "").split(",") if p.strip()]
-        except ValueError:
-            raise RunError("RLFLEET_SERVE_PORTS must be a comma-separated list of port numbers") from None
-        return cls(run_id=env["RLFLEET_RUN_ID"], root=env["RLFLEET_ARTIFACT_ROOT"], storage_options=opts,
-                   spec=spec, target=env.get("RLFLEET_TARGET", "local"),
-                   source_uri=env.get("RLFLEET_SOURCE_URI") or None,
-                   resume_uri=env.get("RLFLEET_RESUME_URI") or None, serve_ports=ports)
+        envelope = RunEnvelope.from_env(os.environ)
+        spec = RunSpec.from_file(argv[0]) if argv else envelope.spec
+        return cls(envelope=envelope, spec=spec)
+
+    @property
+    def run_id(self) -> str:
+        return self.envelope.run_id
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.envelope.storage_options
+
+    @property
+    def target(self) -> str:
+        return self.envelope.target
 
     @property
     def labels(self) -> dict[str, str]:
         return {"run_id": self.run_id, "kind": self.spec.kind.value, "env": self.spec.env, "target": self.target}
 
     def open_other(self, uri: str) -> RunArtifacts:
-        return open_run(uri, storage_options=self.storage_options)
+        return open_run(uri, storage_options=self.storage_options, retry_s=STORE_RETRY_S)
 
 
 def _device_label() -> str:
@@ -140,8 +126,8 @@ def run_train(ctx: RunContext, start: float) -> int:
     algo = make_algorithm(spec.agent, spec.env, spec.env_kwargs, spec.seed, spec.config,
                           spec.budget.steps, spec.resources.gpus)
     resumed_from = None
-    if ctx.resume_uri:
-        src = ctx.open_other(ctx.resume_uri)
+    if ctx.envelope.resume_uri:
+        src = ctx.open_other(ctx.envelope.resume_uri)
         state = load_latest(src)
         if state.get("meta", {}).get("agent") not in (None, spec.agent):
             raise RunError(f"resume_from: run {src.run_id} trained agent {state['meta']['agent']!r}, "
@@ -225,9 +211,9 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _open_source(ctx: RunContext, what: str) -> RunArtifacts:
-    if not ctx.source_uri:
-        raise RunError(f"a {what} run needs RLFLEET_SOURCE_URI (the run to {what})")
-    src = ctx.open_other(ctx.source_uri)
+    if not ctx.envelope.source_uri:
+        raise RunError(f"a {what} run needs a source run (the run to {what})")
+    src = ctx.open_other(ctx.envelope.source_uri)
     if not src.is_complete():
         raise IncompleteRunError(
             f"cannot {what} run {src.run_id}: it is incomplete (no manifest.json in {src.uri}); "
@@ -236,7 +222,7 @@ def _open_source(ctx: RunContext, what: str) -> RunArtifacts:
     if "policy.onnx" not in src.manifest().files:
         raise RunError(f"cannot {what} run {src.run_id}: it has no policy.onnx "
                        "(only ppo and dqn train runs export a policy)")
-    if os.environ.get("RLFLEET_ENV_FROM_SOURCE") == "1":
+    if ctx.envelope.env_from_source:
         # the submitter could not read the store: take the env the source trained on
         src_spec = RunSpec.from_dict(src.read_json("spec.json"))
         ctx.spec = ctx.spec.with_changes(env=src_spec.env, env_kwargs=src_spec.env_kwargs)
@@ -304,22 +290,6 @@ def run_eval(ctx: RunContext, start: float) -> int:
 # deploy
 
 
-def read_serve_token() -> str:
-    for var in ("RLFLEET_SERVE_TOKEN_FILE", "RAY_AUTH_TOKEN_PATH"):
-        path = os.environ.get(var)
-        if path:
-            try:
-                with open(os.path.expanduser(path)) as f:
-                    token = f.read().strip()
-            except OSError as err:
-                raise RunError(f"cannot read the serving token file named by {var}: {err.strerror}") from None
-            if token:
-                return token
-            raise RunError(f"the serving token file named by {var} is empty")
-    raise RunError("a deploy run needs a bearer token: set RLFLEET_SERVE_TOKEN_FILE, or run on a cluster "
-                   "with Ray token auth (RAY_AUTH_TOKEN_PATH)")
-
-
 def run_deploy(ctx: RunContext, start: float) -> int:
     from rlfleet_agents.metrics import RayMetrics
     from rlfleet_agents.policy import OnnxPolicy
@@ -328,12 +298,14 @@ def run_deploy(ctx: RunContext, start: float) -> int:
     src = _open_source(ctx, "deploy")
     spec, arts = ctx.spec, ctx.arts
     assert arts is not None
-    token = read_serve_token()
+    token_sha256 = ctx.envelope.serve_token_sha256
+    if not token_sha256:
+        raise RunError("a deploy run needs its deployment token's sha256 in the envelope; submit it with submit_run()")
     policy = OnnxPolicy(src.read_bytes("policy.onnx"))
     name = spec.deploy.name or spec.name or src.run_id.lower()
     metrics = RayMetrics(ctx.labels)
-    app = PolicyApp(policy, name, token, on_request=metrics.record_request)
-    sock = bind_socket(spec.deploy.host, spec.deploy.port, ctx.serve_ports)
+    app = PolicyApp(policy, name, token_sha256, on_request=metrics.record_request)
+    sock = bind_socket(spec.deploy.host, spec.deploy.port, list(ctx.envelope.serve_ports))
     host, port = sock.getsockname()[:2]
     wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding it
     url_host = socket.gethostbyname(socket.gethostname()) if wildcard else host
@@ -373,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.stop_requested = True
 
             signal.signal(signal.SIGTERM, _on_term)
-        ctx.arts = open_run(ctx.root, ctx.run_id, storage_options=ctx.storage_options)
+        ctx.arts = open_run(ctx.envelope.artifact_root, ctx.run_id, storage_options=ctx.storage_options,
+                            retry_s=STORE_RETRY_S)
         if ctx.arts.is_complete():
             raise RunError(f"run {ctx.run_id} already committed a manifest in {ctx.arts.uri}; use a new run id")
         ctx.arts.write_text("spec.json", ctx.spec.to_json())
@@ -385,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rlfleet run interrupted", file=sys.stderr)
         return EXIT_TERMINATED
-    except (RunError, RlfleetError, ValueError, OSError) as err:
+    except (RunError, RlfleetError, EnvelopeError, ValueError, OSError) as err:
         _fail(ctx, str(err))
         return EXIT_ERROR
     except Exception as err:
@@ -397,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(ctx: RunContext | None, msg: str) -> None:
     """One line on stderr, in the CLI's format (the SDK's Run.failure_reason() reads it)."""
-    run_id = ctx.run_id if ctx is not None else os.environ.get("RLFLEET_RUN_ID")
+    run_id = ctx.run_id if ctx is not None else None
     rid = f"run {run_id}: " if run_id else ""
     print(f"rlfleet: error: {rid}{' '.join(msg.split())}", file=sys.stderr, flush=True)
 

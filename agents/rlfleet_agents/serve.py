@@ -6,7 +6,7 @@ under a millisecond, so deploy runs host it as the run's own process on the clus
 
 Endpoints:
   POST /v1/policies/<name>/act   {"observations": [[...], ...]} -> {"actions": [...]}
-                                 bearer token required: 401 without, 403 with a wrong one
+                                 the deployment's own bearer token: 401 without, 403 with any other
   GET  /healthz                  {"status": "ok"} (no policy details; no auth, for probes)
 Bad JSON / wrong shape / NaN -> 422 with a message naming the problem. Bodies over 4 MiB -> 413.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import signal
@@ -33,14 +34,15 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class PolicyApp:
-    def __init__(self, policy: OnnxPolicy, name: str, token: str,
+    def __init__(self, policy: OnnxPolicy, name: str, token_sha256: str,
                  on_request: Callable[[float, int], None] | None = None) -> None:
-        if not token:
-            raise ValueError("the policy server needs a non-empty bearer token")
+        """``token_sha256``: hex sha256 of the deployment's bearer token (the server never holds the token)."""
+        if len(token_sha256) != 64:
+            raise ValueError("the policy server needs the sha256 (hex) of its deployment token")
         self.policy = policy
         self.name = name
         self.path = f"/v1/policies/{name}/act"
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token_sha256.lower().encode()
         self.on_request = on_request
         self.requests = 0
 
@@ -79,7 +81,8 @@ class PolicyApp:
         if not auth:
             return await _reply(send, 401, {"error": "missing 'Authorization: Bearer <token>' header"},
                                 extra=[(b"www-authenticate", b"Bearer")])
-        if not hmac.compare_digest(auth, self._expected):
+        presented = hashlib.sha256(auth[7:]).hexdigest().encode() if auth.startswith(b"Bearer ") else b""
+        if not hmac.compare_digest(presented, self._expected):
             return await _reply(send, 403, {"error": "invalid token"})
         body = bytearray()
         while True:

@@ -112,11 +112,13 @@ class Run:
     @property
     def spec(self) -> RunSpec:
         if self._spec is None:
+            from rlfleet.envelope import ENV_VAR
+
             env = (self._job(refresh=False).get("runtime_env") or {}).get("env_vars") or {}
-            raw = env.get("RLFLEET_SPEC")
+            raw = env.get(ENV_VAR)
             if raw is None:
                 raise RlfleetError(f"run {self.run_id} carries no rlfleet spec (not an rlfleet run?)")
-            self._spec = RunSpec.model_validate(json.loads(raw))
+            self._spec = RunSpec.model_validate(json.loads(raw)["spec"])
         return self._spec
 
     def status(self) -> RunStatus:
@@ -182,14 +184,20 @@ class Run:
         return self
 
     def failure_reason(self) -> str:
-        """The run's own last error line if it printed one, else Ray's message."""
+        """The run's own last error line if it printed one; pip's first error line if the run's
+        requirements did not install; else Ray's message."""
         try:
             for line in reversed(self.logs().splitlines()):
                 if line.startswith("rlfleet: error:"):
                     return line[len("rlfleet: error:") :].strip()
         except RlfleetError:
             pass
-        return self.message() or "no message"
+        message = self.message()
+        if "runtime_env" in message or "RuntimeEnvSetupError" in message:
+            for line in message.splitlines():
+                if line.strip().startswith("ERROR:"):
+                    return line.strip()
+        return message or "no message"
 
     # -- outputs ------------------------------------------------------------------------------
     def logs(self, follow: bool = False) -> Any:
@@ -234,19 +242,30 @@ class Run:
                 f"wait for it with 'rlfleet wait {self.run_id}'"
             )
         ep = json.loads(arts.read_bytes("endpoint.json", allow_incomplete=True))
-        return Endpoint(url=ep["url"], path=ep["path"], token=self.target.token())
+        from rlfleet.tokens import deploy_token
+
+        return Endpoint(url=ep["url"], path=ep["path"], token=deploy_token(self.run_id))
 
     def cancel(self) -> bool:
-        """Stop the run (and its deployment). Idempotent: False if it had already ended."""
+        """Stop the run (and its deployment, revoking its token). Idempotent: False if it had already ended."""
+        from rlfleet.tokens import revoke_deploy_token
+
         if self.status().is_terminal():
+            revoke_deploy_token(self.run_id)
             return False
-        return bool(_client(self.target).stop(self.run_id))
+        stopped = bool(_client(self.target).stop(self.run_id))
+        revoke_deploy_token(self.run_id)
+        return stopped
 
 
 def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     """Validate, ship and start a run on ``target`` (default: local). Returns at once."""
+    from rlfleet import preflight
+    from rlfleet.envelope import RunEnvelope
+
     if not isinstance(spec, RunSpec):
         raise RlfleetError(f"submit_run() takes a RunSpec, not {type(spec).__name__}")
+    preflight.check_spec(spec)  # facts about this machine, checked here and never on the cluster
     tgt = get_target(target)
     if tgt.kind == "local":
         from rlfleet.local import ensure_local_up
@@ -264,26 +283,30 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
                 code = spec.code or (src_spec.code if src_spec.code and os.path.isdir(src_spec.code) else None)
                 spec = spec.with_changes(env=src_spec.env, env_kwargs=src_spec.env_kwargs, code=code)
     run_id = new_run_id()
-    env_vars = dict(tgt.env_vars)
-    env_vars.update(
-        {
-            "RLFLEET_RUN_ID": run_id,
-            "RLFLEET_ARTIFACT_ROOT": tgt.artifact_root,
-            "RLFLEET_STORAGE_OPTIONS": json.dumps(tgt.storage_options),
-            "RLFLEET_SPEC": spec.to_json(),
-            "RLFLEET_TARGET": tgt.name,
-            "PYTHONUNBUFFERED": "1",
-        }
+    serve_token_sha256 = None
+    if spec.kind is Kind.DEPLOY:
+        from rlfleet.tokens import new_deploy_token
+
+        serve_token_sha256 = new_deploy_token(run_id)
+    envelope = RunEnvelope(
+        run_id=run_id,
+        artifact_root=tgt.artifact_root,
+        storage_options=tgt.storage_options,
+        spec=spec,
+        target=tgt.name,
+        source_uri=run_uri(tgt, spec.source) if spec.source else None,
+        resume_uri=run_uri(tgt, spec.resume_from) if spec.resume_from else None,
+        env_from_source=env_from_source,
+        serve_ports=tgt.serve_ports,
+        serve_token_sha256=serve_token_sha256,
     )
-    if spec.source:
-        env_vars["RLFLEET_SOURCE_URI"] = run_uri(tgt, spec.source)
-        if env_from_source:  # the store is not readable from here: the run takes it from the source
-            env_vars["RLFLEET_ENV_FROM_SOURCE"] = "1"
-    if spec.resume_from:
-        env_vars["RLFLEET_RESUME_URI"] = run_uri(tgt, spec.resume_from)
+    env_vars = {**tgt.env_vars, **envelope.to_env(), "PYTHONUNBUFFERED": "1"}
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if spec.code:
         runtime_env["working_dir"] = client.upload_working_dir(spec.code)
+    pip = preflight.requirements(spec)
+    if pip:
+        runtime_env["pip"] = {"packages": pip, "pip_check": False}
     metadata = {
         META_PREFIX + "run_id": run_id,
         META_PREFIX + "kind": spec.kind.value,
@@ -293,18 +316,26 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
         META_PREFIX + "spec_hash": spec.spec_hash(),
         META_PREFIX + "user": _user(),
         META_PREFIX + "target": tgt.name,
+        META_PREFIX + "kit_version": envelope.kit_version,
         META_PREFIX + "cpus": str(spec.resources.cpus),
         META_PREFIX + "gpus": str(spec.resources.gpus),
         META_PREFIX + "submitted_ms": str(int(time.time() * 1000)),
     }
-    client.submit(
-        submission_id=run_id,
-        entrypoint=ENTRYPOINT,
-        runtime_env=runtime_env,
-        metadata=metadata,
-        num_cpus=spec.resources.cpus,
-        num_gpus=spec.resources.gpus,
-    )
+    try:
+        client.submit(
+            submission_id=run_id,
+            entrypoint=ENTRYPOINT,
+            runtime_env=runtime_env,
+            metadata=metadata,
+            num_cpus=spec.resources.cpus,
+            num_gpus=spec.resources.gpus,
+        )
+    except BaseException:
+        if serve_token_sha256:
+            from rlfleet.tokens import revoke_deploy_token
+
+            revoke_deploy_token(run_id)
+        raise
     return Run(run_id, tgt, spec=spec)
 
 

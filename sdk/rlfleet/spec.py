@@ -84,6 +84,11 @@ class RunSpec(_Frozen):
     source: str | None = Field(default=None, description="eval/deploy: the run id (or run URI) to use")
     resume_from: str | None = Field(default=None, description="train: run id whose checkpoint to resume")
     code: str | None = Field(default=None, description="local project directory shipped with the run")
+    requirements: list[str] | str | None = Field(
+        default=None,
+        description="extra Python packages for this run: pip requirement strings, or the name of a "
+        "requirements file inside `code` (e.g. 'requirements.txt'); './path' entries name files inside `code`",
+    )
     eval: EvalOptions = Field(default_factory=EvalOptions)
     deploy: DeployOptions = Field(default_factory=DeployOptions)
     tags: dict[str, str] = Field(default_factory=dict)
@@ -109,6 +114,22 @@ class RunSpec(_Frozen):
             raise ValueError("is not a Gymnasium env id: use e.g. 'CartPole-v1' or 'my_module:MyEnv-v0'")
         return v
 
+    @field_validator("requirements")
+    @classmethod
+    def _requirements(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, str):
+            _check_inside_code(v, "a file name inside the code directory, e.g. 'requirements.txt'")
+        elif v is not None:
+            for i, req in enumerate(v):
+                if not req.strip() or "\n" in req or req.strip().startswith("-"):
+                    raise ValueError(
+                        f"entry {i} ({req!r}) is not a requirement: give one package per entry, e.g. "
+                        "'gymnasium-robotics==1.4.0' or './wheels/my_sim-1.0-py3-none-any.whl' (no pip options)"
+                    )
+                if req.startswith("./"):
+                    _check_inside_code(req[2:], "a './path' inside the code directory")
+        return v
+
     @field_validator("env_kwargs", "config")
     @classmethod
     def _jsonable(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -129,12 +150,9 @@ class RunSpec(_Frozen):
                 raise ValueError("resume_from: only train runs can resume")
         elif self.source:
             raise ValueError("source: train runs start from scratch; to continue one use resume_from=<run id>")
-        if self.code is not None:
-            path = Path(self.code).expanduser()
-            if not path.is_dir():
-                raise ValueError(f"code: {self.code!r} is not a directory on this machine")
-        if self.code is None and ":" not in self.env and "/" not in self.env:
-            _check_env_registered(self.env)
+        local_reqs = isinstance(self.requirements, list) and any(r.startswith("./") for r in self.requirements)
+        if (isinstance(self.requirements, str) or local_reqs) and self.code is None:
+            raise ValueError("requirements: a requirements file is read from the run's code directory; give code=<dir>")
         if self.agent == "random" and self.config:
             raise ValueError("config: the 'random' agent takes no config")
         if self.config:
@@ -220,20 +238,10 @@ def _check_agent_config(agent: str, config: dict[str, Any]) -> None:
     validate_config(agent, config)  # raises ValueError naming the key
 
 
-def _check_env_registered(env_id: str) -> None:
-    """Catch typos in built-in env ids before submitting (needs gymnasium; skipped without it)."""
-    try:
-        from gymnasium.envs.registration import registry
-    except ImportError:
-        return
-    if env_id in registry:
-        return
-    hint = difflib.get_close_matches(env_id, list(registry), n=1)
-    raise ValueError(
-        f"env: {env_id!r} is not a registered Gymnasium env"
-        + (f"; did you mean {hint[0]!r}?" if hint else "")
-        + " (custom envs: 'my_module:MyEnv-v0' with code=<project dir>)"
-    )
+def _check_inside_code(rel: str, what: str) -> None:
+    parts = Path(rel).parts
+    if not rel or rel.startswith(("/", "~")) or ".." in parts or "\\" in rel:
+        raise ValueError(f"{rel!r} must be {what} (a relative path, no '..')")
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -56,6 +56,9 @@ class Target(BaseModel):
         "{'type': 'ansible', 'inventory': ..., 'playbook_dir': ...} | {'type': 'local'} | {}",
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="extra env for runs (no secrets)")
+    serve_ports: tuple[int, ...] = Field(
+        default=(), description="ports a deploy run may bind on its node (default: any free port)"
+    )
 
     @field_validator("name")
     @classmethod

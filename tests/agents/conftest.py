@@ -1,5 +1,5 @@
 """Helpers for the agents tests: run ``python -m rlfleet_agents.run`` as a real process with the
-run environment contract, against a file:// artifact root in a temp dir."""
+run envelope the SDK would send, against a file:// artifact root in a temp dir (or any fsspec URI)."""
 
 from __future__ import annotations
 
@@ -19,23 +19,34 @@ PYTHONPATH = os.pathsep.join([str(REPO / "sdk"), str(REPO / "agents")])
 
 
 class Runner:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.uri = f"file://{root}"
+    """Starts runs the way a cluster does: ``python -m rlfleet_agents.run`` with RLFLEET_ENVELOPE.
 
-    def env(self, run_id: str, spec: dict[str, Any], **extra: str) -> dict[str, str]:
+    Keyword arguments of ``env``/``start``/``run`` are RunEnvelope fields (source_uri=,
+    resume_uri=, env_from_source=, serve_token_sha256=, ...).
+    """
+
+    def __init__(self, root: Path, uri: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.uri = uri or f"file://{root}"
+        self.storage_options = storage_options or {}
+
+    def env(self, run_id: str, spec: dict[str, Any], **fields: Any) -> dict[str, str]:
+        from rlfleet.envelope import RunEnvelope
+        from rlfleet.spec import RunSpec
+
+        envelope = RunEnvelope(run_id=run_id, artifact_root=self.uri, storage_options=self.storage_options,
+                               spec=RunSpec.model_validate(spec), target="test", **fields)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RLFLEET_", "RAY_"))}
-        env.update(PYTHONPATH=PYTHONPATH, RLFLEET_RUN_ID=run_id, RLFLEET_ARTIFACT_ROOT=self.uri,
-                   RLFLEET_SPEC=json.dumps(spec), RLFLEET_TARGET="test", **extra)
+        env.update(PYTHONPATH=PYTHONPATH, **envelope.to_env())
         return env
 
-    def start(self, run_id: str, spec: dict[str, Any], cwd: Path | None = None, **extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "rlfleet_agents.run"], env=self.env(run_id, spec, **extra),
+    def start(self, run_id: str, spec: dict[str, Any], cwd: Path | None = None, **fields: Any) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "rlfleet_agents.run"], env=self.env(run_id, spec, **fields),
                                 cwd=cwd or self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def run(self, run_id: str, spec: dict[str, Any], cwd: Path | None = None, timeout: float = 120,
-            **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "rlfleet_agents.run"], env=self.env(run_id, spec, **extra),
+            **fields: Any) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rlfleet_agents.run"], env=self.env(run_id, spec, **fields),
                               cwd=cwd or self.root, capture_output=True, text=True, timeout=timeout)
 
     def run_dir(self, run_id: str) -> Path:
@@ -46,6 +57,11 @@ class Runner:
 
     def manifest(self, run_id: str) -> dict[str, Any]:
         return json.loads((self.run_dir(run_id) / "manifest.json").read_text())
+
+
+@pytest.fixture
+def runner_cls() -> type[Runner]:
+    return Runner
 
 
 @pytest.fixture

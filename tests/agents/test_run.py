@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def test_kill_and_resume_continues_from_checkpoint(runner) -> None:
     assert ckpt_step >= 8_000
 
     out = runner.run("resumed", {**spec, "resume_from": "victim", "budget": {"steps": ckpt_step + 3_000}},
-                     RLFLEET_RESUME_URI=runner.src("victim"))
+                     resume_uri=runner.src("victim"))
     assert out.returncode == 0, out.stderr
     assert f"resuming from run victim at step {ckpt_step}" in out.stdout
     run = open_run(runner.uri, "resumed")
@@ -120,7 +122,7 @@ def test_eval_run_and_compare(trained_root) -> None:
     assert out.returncode == 0, out.stderr
     out = r.run("ev", {"kind": "eval", "source": "ppo-cp", "seed": 5,
                        "eval": {"episodes": 12, "compare_to": "rnd-base"}},
-                RLFLEET_SOURCE_URI=r.src("ppo-cp"))
+                source_uri=r.src("ppo-cp"))
     assert out.returncode == 0, out.stderr
     ev = open_run(r.uri, "ev").read_json("eval.json")
     assert ev["episodes"] == 12 and len(ev["returns"]) == 12 and len(ev["lengths"]) == 12
@@ -131,7 +133,7 @@ def test_eval_run_and_compare(trained_root) -> None:
     # the torch checkpoint gives the same result as the ONNX policy
     out = r.run("ev-torch", {"kind": "eval", "source": "ppo-cp", "seed": 5,
                              "eval": {"episodes": 12, "policy_format": "torch"}},
-                RLFLEET_SOURCE_URI=r.src("ppo-cp"))
+                source_uri=r.src("ppo-cp"))
     assert out.returncode == 0, out.stderr
     assert open_run(r.uri, "ev-torch").read_json("eval.json")["returns"] == ev["returns"]
 
@@ -139,7 +141,7 @@ def test_eval_run_and_compare(trained_root) -> None:
 def test_eval_of_incomplete_run_is_refused(runner) -> None:
     (runner.run_dir("half") / "checkpoints").mkdir(parents=True)
     (runner.run_dir("half") / "spec.json").write_text("{}")
-    out = runner.run("ev", {"kind": "eval", "source": "half"}, RLFLEET_SOURCE_URI=runner.src("half"))
+    out = runner.run("ev", {"kind": "eval", "source": "half"}, source_uri=runner.src("half"))
     assert out.returncode != 0
     assert "cannot evaluate run half: it is incomplete" in out.stderr
     assert not (runner.run_dir("ev") / "manifest.json").exists()
@@ -147,7 +149,7 @@ def test_eval_of_incomplete_run_is_refused(runner) -> None:
 
 def test_eval_with_mismatched_env_is_refused(trained_root) -> None:
     out = trained_root.run("ev-mis", {"kind": "eval", "source": "ppo-cp", "env": "Pendulum-v1"},
-                           RLFLEET_SOURCE_URI=trained_root.src("ppo-cp"))
+                           source_uri=trained_root.src("ppo-cp"))
     assert out.returncode != 0 and "does not match the policy" in out.stderr and "CartPole-v1" in out.stderr
 
 
@@ -197,8 +199,30 @@ def test_custom_env_module_trains(runner, tmp_path: Path) -> None:
     assert out.returncode != 0 and "cannot import module 'my_corridor'" in out.stderr
     # an eval that names no env takes the source run's env and env_kwargs (submitter could not read the store)
     out = runner.run("custom-ev", {"kind": "eval", "source": "custom", "eval": {"episodes": 3}}, cwd=code,
-                     RLFLEET_SOURCE_URI=runner.src("custom"), RLFLEET_ENV_FROM_SOURCE="1")
+                     source_uri=runner.src("custom"), env_from_source=True)
     assert out.returncode == 0, out.stderr
     ev_spec = json.loads((runner.run_dir("custom-ev") / "spec.json").read_text())
     assert ev_spec["env"] == "my_corridor:Corridor-v0" and ev_spec["env_kwargs"] == {"length": 8}
     assert runner.manifest("custom-ev")["files"]["spec.json"]
+
+
+def test_a_run_from_another_kit_version_is_refused(runner) -> None:
+    env = runner.env("other-kit", {"kind": "train", "agent": "random", "budget": {"steps": 100}})
+    data = json.loads(env["RLFLEET_ENVELOPE"])
+    data["kit_version"] = "0.0.1"
+    env["RLFLEET_ENVELOPE"] = json.dumps(data)
+    out = subprocess.run([sys.executable, "-m", "rlfleet_agents.run"], env=env, cwd=runner.root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    from rlfleet.envelope import kit_version
+
+    assert f"submitted by rlfleet 0.0.1 but the cluster runs rlfleet {kit_version()}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not runner.run_dir("other-kit").exists()  # refused before anything was written
+
+
+def test_a_run_without_an_envelope_says_how_runs_start(runner) -> None:
+    env = {k: v for k, v in runner.env("x", {"kind": "train"}).items() if k != "RLFLEET_ENVELOPE"}
+    out = subprocess.run([sys.executable, "-m", "rlfleet_agents.run"], env=env, cwd=runner.root,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "missing RLFLEET_ENVELOPE" in out.stderr and "Traceback" not in out.stderr

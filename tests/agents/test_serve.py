@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -27,11 +28,9 @@ TOKEN = "test-serve-token-0123456789"
 @pytest.fixture(scope="module")
 def endpoint(trained_root, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """One deploy run (a real process) for the whole module."""
-    tok = tmp_path_factory.mktemp("serve") / "token"
-    tok.write_text(TOKEN + "\n")
-    tok.chmod(0o600)
     proc = trained_root.start("dep", {"kind": "deploy", "source": "ppo-cp", "deploy": {"name": "cartpole"}},
-                              RLFLEET_SOURCE_URI=trained_root.src("ppo-cp"), RLFLEET_SERVE_TOKEN_FILE=str(tok))
+                              source_uri=trained_root.src("ppo-cp"),
+                              serve_token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest())
     ep_file = trained_root.run_dir("dep") / "endpoint.json"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (trained_root.run_dir("dep") / "manifest.json").exists():
@@ -105,6 +104,6 @@ def test_malformed_requests_get_422(endpoint: dict, body: bytes, needle: str) ->
 
 def test_deploy_without_token_refuses_to_start(trained_root) -> None:
     out = trained_root.run("dep-notok", {"kind": "deploy", "source": "ppo-cp"},
-                           RLFLEET_SOURCE_URI=trained_root.src("ppo-cp"))
-    assert out.returncode != 0 and "needs a bearer token" in out.stderr
+                           source_uri=trained_root.src("ppo-cp"))
+    assert out.returncode != 0 and "needs its deployment token" in out.stderr
     assert not (trained_root.run_dir("dep-notok") / "manifest.json").exists()

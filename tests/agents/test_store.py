@@ -3,10 +3,7 @@ on object stores), manifest committed last; and a PPO checkpoint + resume throug
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -16,17 +13,13 @@ from rlfleet.artifacts import open_run
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(root: str, run_id: str, spec: dict, opts: dict, **extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLFLEET_", "RAY_"))}
-    env.update(PYTHONPATH=f"{REPO / 'sdk'}:{REPO / 'agents'}", RLFLEET_RUN_ID=run_id, RLFLEET_ARTIFACT_ROOT=root,
-               RLFLEET_STORAGE_OPTIONS=json.dumps(opts), RLFLEET_SPEC=json.dumps(spec), **extra)
-    return subprocess.run([sys.executable, "-m", "rlfleet_agents.run"], env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_runs_on_s3_root(moto_reset: str) -> None:
+def test_runs_on_s3_root(moto_reset: str, runner_cls) -> None:
     boto3.client("s3", endpoint_url=moto_reset).create_bucket(Bucket="runs")
     root, opts = "s3://runs/team", {"client_kwargs": {"endpoint_url": moto_reset}}
+
+    def _run(root: str, run_id: str, spec: dict, opts: dict, **fields) -> subprocess.CompletedProcess:
+        return runner_cls(REPO, uri=root, storage_options=opts).run(run_id, spec, cwd=REPO, **fields)
+
     out = _run(root, "rnd", {"kind": "train", "agent": "random", "budget": {"steps": 3000}}, opts)
     assert out.returncode == 0, out.stderr
     run = open_run(root, "rnd", storage_options=opts)
@@ -39,7 +32,7 @@ def test_runs_on_s3_root(moto_reset: str) -> None:
     assert out.returncode == 0, out.stderr
     first = open_run(root, "ppo1", storage_options=opts).manifest().extra["env_steps"]
     out = _run(root, "ppo2", {**spec, "resume_from": "ppo1", "budget": {"steps": first + 2000}}, opts,
-               RLFLEET_RESUME_URI=f"{root}/runs/ppo1")
+               resume_uri=f"{root}/runs/ppo1")
     assert out.returncode == 0, out.stderr
     m2 = open_run(root, "ppo2", storage_options=opts).verify()
     assert m2.extra["resumed_from"] == {"run_id": "ppo1", "step": first}

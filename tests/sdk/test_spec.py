@@ -19,11 +19,14 @@ BAD = [
     ({"kind": "train", "source": "rl-1"}, ["source", "resume_from"]),
     ({"kind": "eval", "source": "rl-1", "resume_from": "rl-0"}, ["resume_from", "only train runs"]),
     ({"kind": "train", "env": "Cart Pole"}, ["env", "not a Gymnasium env id"]),
-    ({"kind": "train", "env": "CartPol-v1"}, ["env", "not a registered Gymnasium env", "did you mean 'CartPole-v1'"]),
     ({"kind": "train", "seed": -1}, ["seed", "greater than or equal to 0"]),
     ({"kind": "train", "resources": {"gpus": -1}}, ["resources.gpus"]),
     ({"kind": "train", "name": "My Run"}, ["name", "lowercase"]),
-    ({"kind": "train", "code": "/nonexistent/dir"}, ["code", "not a directory"]),
+    ({"kind": "train", "requirements": "requirements.txt"}, ["requirements", "give code=<dir>"]),
+    ({"kind": "train", "requirements": ["./wheels/x.whl"]}, ["requirements", "give code=<dir>"]),
+    ({"kind": "train", "requirements": ["--index-url=http://x"]}, ["requirements", "entry 0", "no pip options"]),
+    ({"kind": "train", "code": ".", "requirements": "../reqs.txt"}, ["requirements", "no '..'"]),
+    ({"kind": "train", "code": ".", "requirements": ["./../x.whl"]}, ["requirements", "no '..'"]),
     ({"kind": "deploy", "source": "rl-1", "deploy": {"port": 80}}, ["deploy.port", "greater than or equal to 1024"]),
     ({"kind": "train", "agent": "random", "config": {"lr": 1}}, ["config", "random"]),
     ({"kind": "eval", "source": "rl-1", "eval": {"episodes": 0}}, ["eval.episodes"]),
@@ -38,6 +41,41 @@ def test_bad_specs_name_the_field(fields: dict, expect: list[str]) -> None:
     assert msg.startswith("invalid run spec: ")
     for part in expect:
         assert part in msg, f"{part!r} not in {msg!r}"
+
+
+# Facts about the submitting machine are checked by submit_run()'s preflight, never by RunSpec:
+# the same spec must validate on the cluster, where the submitter's paths do not exist.
+PREFLIGHT_BAD = [
+    ({"kind": "train", "env": "CartPol-v1"}, ["env", "not a registered Gymnasium env", "did you mean 'CartPole-v1'"]),
+    ({"kind": "train", "code": "/nonexistent/dir"}, ["code", "not a directory on this machine"]),
+    ({"kind": "train", "code": "{tmp}", "requirements": "reqs.txt"}, ["requirements", "cannot read", "reqs.txt"]),
+    ({"kind": "train", "code": "{tmp}", "requirements": ["./w/x.whl"]}, ["requirements", "'./w/x.whl' is not a file"]),
+    ({"kind": "train", "code": "{tmp}", "requirements": "bad.txt"}, ["requirements", "no pip options", "bad.txt"]),
+]
+
+
+@pytest.mark.parametrize(("fields", "expect"), PREFLIGHT_BAD, ids=[str(b[0]) for b in PREFLIGHT_BAD])
+def test_machine_facts_are_checked_by_preflight_not_by_the_spec(fields: dict, expect: list[str], tmp_path) -> None:
+    from rlfleet.preflight import check_spec
+
+    (tmp_path / "bad.txt").write_text("numpy\n-e .\n")
+    fields = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else v) for k, v in fields.items()}
+    spec = RunSpec(**fields)  # schema only: valid anywhere
+    with pytest.raises(SpecError) as exc:
+        check_spec(spec)
+    for part in expect:
+        assert part in str(exc.value), f"{part!r} not in {str(exc.value)!r}"
+
+
+def test_requirements_file_and_local_wheels_become_cluster_paths(tmp_path) -> None:
+    from rlfleet.preflight import requirements
+
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "sim-1.0-py3-none-any.whl").write_bytes(b"PK")
+    (tmp_path / "requirements.txt").write_text("# deps\nnumpy>=1.20  # inline\n\n./wheels/sim-1.0-py3-none-any.whl\n")
+    spec = RunSpec(kind="train", code=str(tmp_path), requirements="requirements.txt")
+    assert requirements(spec) == ["numpy>=1.20", "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/wheels/sim-1.0-py3-none-any.whl"]
+    assert requirements(RunSpec(kind="train")) is None
 
 
 def test_spec_is_immutable() -> None:

@@ -43,6 +43,11 @@ def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 @click.option("--from", "source", metavar="RUN_ID", help="eval/deploy: the run to use.")
 @click.option("--resume", "resume_from", metavar="RUN_ID", help="train: continue from this run's latest checkpoint.")
 @click.option("--code", type=click.Path(), help="Local project directory shipped with the run.")
+@click.option(
+    "--requirement", "requirement", multiple=True, metavar="REQ",
+    help="Extra pip requirement for this run (repeatable; './x.whl' = a file inside --code).",
+)
+@click.option("--requirements-file", metavar="NAME", help="A requirements file inside --code, e.g. requirements.txt.")
 @click.option("--episodes", type=int, help="eval: number of episodes.")
 @click.option("--cpus", type=float, help="CPUs to reserve.")
 @click.option("--gpus", type=float, help="GPUs to reserve.")
@@ -65,6 +70,8 @@ def run_cmd(
     source: str | None,
     resume_from: str | None,
     code: str | None,
+    requirement: tuple[str, ...],
+    requirements_file: str | None,
     episodes: int | None,
     cpus: float | None,
     gpus: float | None,
@@ -91,6 +98,10 @@ def run_cmd(
         "code": code,
     }
     data.update({k: v for k, v in simple.items() if v is not None})
+    if requirement and requirements_file:
+        raise SpecError("give --requirement or --requirements-file, not both")
+    if requirement or requirements_file:
+        data["requirements"] = list(requirement) if requirement else requirements_file
     if env_kwargs:
         data["env_kwargs"] = {**data.get("env_kwargs", {}), **_parse_kv(env_kwargs, "--env-kwarg")}
     if config_kv:
