@@ -58,14 +58,24 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up in {timeout} s: {last}")
 
 
+class _LiveLocalTarget:
+    """The local target as it is now: a test that stops and restarts the head (tests/conformance:
+    'runs' from the store when the head is down) gets new ports, and every later test follows."""
+
+    def __getattr__(self, name: str) -> object:
+        from rlfleet.local import local_target
+
+        return getattr(local_target(), name)
+
+
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[object]:
     """The embedded local target's Ray head, started once for the whole test run (~10 s)."""
     from rlfleet.local import ensure_local_up, local_down
 
-    target = ensure_local_up()
+    ensure_local_up()
     try:
-        yield target
+        yield _LiveLocalTarget()
     finally:
         local_down()
 

@@ -1,0 +1,117 @@
+"""Target fixtures for the conformance suite: one list of scenarios, run unchanged on every target.
+
+A scenario (test_scenarios.py) only talks to a :class:`ConformanceTarget`: the rlfleet ``Target``
+it submits to, plus the few things that differ by nature between targets and that a user would
+do with that target's own tools:
+
+- ``own_store``: the artifact root as the target's store itself holds it (local disk, the NAS
+  path on the node, later ``s3://`` through moto and ``gs://`` through the GCS emulator);
+- ``monitored(run_id)``: the run's training metrics where that target's monitoring reads them;
+- ``trainer_pids(run_id)``: the run's trainer processes (to SIGKILL them);
+- ``head_down()``: the cluster's head really stopped, then started again.
+
+Targets are session-scoped and built once: ``local`` wraps tests/conftest.py's ``local_cluster``,
+``onprem`` wraps the one throwaway host of the test run (tests/onprem/session.py). Adding a target
+(the ``aws-node`` / ``gcp-node`` throwaway hosts started from the rendered cloud bootstrap, with
+moto / the GCS emulator as cloud APIs) is one more entry in TARGETS, one more
+``conformance_<key>`` fixture and a subclass; the scenarios do not change.
+
+Results: each scenario x target outcome and duration is collected; with
+``RLFLEET_CONFORMANCE_TABLE=<file.md>`` the session writes the markdown table that
+docs/conformance.md carries.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .targets import ConformanceTarget, LocalConformance, OnpremConformance
+
+TARGETS = [
+    pytest.param("local", id="local"),
+    pytest.param("onprem", id="onprem", marks=[pytest.mark.onprem, pytest.mark.slow]),
+    # next: pytest.param("aws-node", ...), pytest.param("gcp-node", ...) with their fixtures below
+]
+
+
+@pytest.fixture(scope="session")
+def conformance_local(local_cluster, tmp_path_factory) -> ConformanceTarget:
+    from rlfleet.local import local_target
+
+    tgt = local_target()
+    return LocalConformance(key="local", target=tgt, own_store=tgt.artifact_root,
+                            cache={"tmp": str(tmp_path_factory.mktemp("conformance-local"))})
+
+
+@pytest.fixture(scope="session")
+def conformance_onprem(onprem, tmp_path_factory) -> ConformanceTarget:
+    from onprem.harness import playbook
+
+    from rlfleet.provisioners import ansible_site
+    from rlfleet.targets import save_target
+
+    host = onprem.host
+    if not host.path("/opt/rlfleet/venv").exists():  # tests/onprem/test_site.py tore it down earlier
+        r = playbook(onprem.site, onprem.workdir, "site.yml")
+        assert r.rc == 0, r.output[-3000:]
+    nas = "/mnt/rlfleet/rlfleet"
+    # the target exactly as 'rlfleet target add onprem --inventory ...' builds it; this machine reads
+    # the NAS directory through the container's root filesystem (no NFS in this kernel)
+    target = ansible_site.target_from(
+        "onprem-conformance",
+        inventory=str(onprem.site.inventory),
+        vault_password_file=str(onprem.site.vault_password_file),
+        client_artifact_root=f"file://{host.path(nas)}",
+        env_vars={"RLFLEET_METRICS_LINGER_S": "12"},  # a 5 s scrape interval sees short runs
+    )
+    save_target(target)  # the CLI scenarios name it with --target
+    ct = OnpremConformance(key="onprem", target=target, own_store=f"file://{host.path(nas)}", timeout=600,
+                           cache={"tmp": str(tmp_path_factory.mktemp("conformance-onprem"))})
+    ct.host = host
+    return ct
+
+
+# -- the parametrization every scenario uses -------------------------------------------------------
+
+@pytest.fixture(scope="session", params=TARGETS)
+def tgt(request) -> ConformanceTarget:
+    return request.getfixturevalue("conformance_" + request.param.replace("-", "_"))
+
+
+# -- results table ---------------------------------------------------------------------------------
+
+_RESULTS: dict[tuple[str, str], tuple[str, float]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "tests/conformance/" not in report.nodeid.replace(os.sep, "/") or "[" not in report.nodeid:
+        return
+    scenario, key = report.nodeid.split("::")[-1][:-1].split("[", 1)
+    outcome, secs = _RESULTS.get((scenario, key), ("passed", 0.0))
+    secs += report.duration
+    if report.failed:
+        outcome = "xfail" if hasattr(report, "wasxfail") else "FAILED" if report.when == "call" else "ERROR"
+    elif hasattr(report, "wasxfail"):
+        outcome = "xfail" if report.skipped else "XPASS"
+    elif report.skipped:
+        outcome = "skipped"
+    _RESULTS[(scenario, key)] = (outcome, secs)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = os.environ.get("RLFLEET_CONFORMANCE_TABLE")
+    if not out or not _RESULTS:
+        return
+    keys = [k for k in (p.values[0] for p in TARGETS) if any(k == t for _, t in _RESULTS)]
+    scenarios = list(dict.fromkeys(s for s, _ in _RESULTS))
+    lines = ["| scenario | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for s in scenarios:
+        cells = []
+        for k in keys:
+            outcome, secs = _RESULTS.get((s, k), ("not run", 0.0))
+            cells.append(f"{outcome} ({secs:.0f} s)" if outcome != "not run" else outcome)
+        lines.append(f"| `{s}` | " + " | ".join(cells) + " |")
+    Path(out).write_text("\n".join(lines) + "\n")
