@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,30 +22,6 @@ EXAMPLE = REPO / "infra_onprem/inventories/example"
 def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
          timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory) -> Path:
-    wd = tmp_path_factory.mktemp("offline")
-    out = wd / "out"
-    out.mkdir()
-    (wd / "mnt/rlfleet").mkdir(parents=True)
-    (wd / "hosts.ini").write_text(textwrap.dedent(f"""\
-        localhost ansible_connection=local ansible_python_interpreter={VENV_BIN / 'python3'}
-        [ray_head]
-        gpu-head-01 rlfleet_address=10.20.0.11 gpu_count=2
-        [ray_workers]
-        cpu-node-02 rlfleet_address=10.20.0.12 gpu_count=0
-        [rlfleet:children]
-        ray_head
-        ray_workers
-        """))
-    playbook = str(Path(__file__).parent / "offline.yml")
-    r = _run([str(VENV_BIN / "ansible-playbook"), "-i", str(wd / "hosts.ini"), playbook,
-              "-e", f"out_dir={out}", "-e", f"nas_client_mount_path={wd / 'mnt/rlfleet'}"],
-             cwd=ANSIBLE_DIR, env=clean_env(wd))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    return out
 
 
 def test_syntax_check_with_the_example_inventory(tmp_path):
