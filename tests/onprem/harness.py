@@ -39,14 +39,83 @@ class Site:
     known_hosts: Path | None = None
 
 
-def build_wheel(out: Path) -> Path:
-    """The rlfleet wheel the container's venv installs (rlfleet is not on PyPI)."""
+# What a real server often has before rlfleet arrives (planted before the first converge, checked
+# by test_hardening.py): a cloud-init sshd drop-in that sorts before the kit's and allows passwords,
+# a site nginx with its own configuration, an unrelated enabled service, an artifact directory.
+CLOUD_INIT_DROPIN = "/etc/ssh/sshd_config.d/50-cloud-init.conf"
+CLOUD_INIT_SSHD = ("PasswordAuthentication yes\nPermitRootLogin yes\nKbdInteractiveAuthentication yes\n"
+                   "X11Forwarding yes\n")
+SITE_NGINX_CONF = """\
+# the site's own nginx (planted by the on-prem tests before rlfleet's first converge)
+user www-data;
+worker_processes 1;
+pid /run/nginx.pid;
+events { worker_connections 64; }
+http {
+    server {
+        listen 127.0.0.1:8081;
+        location / { return 200 "site-owned\\n"; }
+    }
+}
+"""
+SITE_UNIT = "site-agent"
+SITE_ARTIFACTS = "/mnt/rlfleet/rlfleet"
+SITE_ARTIFACT_FILE = f"{SITE_ARTIFACTS}/site-data.txt"
+
+
+def plant_existing_setup(host) -> None:
+    """Make the throwaway host look lived-in before the first converge (see the constants above).
+    nginx comes from apt through the test proxy (the converge would install it anyway)."""
+    dropin = host.path(CLOUD_INIT_DROPIN)
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(CLOUD_INIT_SSHD)
+    proxy = [f"-oAcquire::http::Proxy={host.proxy_url}", f"-oAcquire::https::Proxy={host.proxy_url}"]
+    host.nsexec("apt-get", *proxy, "-qq", "update", timeout=300)
+    for attempt in range(6):  # the apt download cache is shared with other test hosts: its lock may be busy
+        r = host.nsexec("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *proxy, "-qq", "-y",
+                        "--no-install-recommends", "install", "nginx", timeout=300, check=attempt == 5)
+        if r.returncode == 0:
+            break
+        time.sleep(10)
+    host.path("/etc/nginx/nginx.conf").write_text(SITE_NGINX_CONF)
+    host.path(f"/etc/systemd/system/{SITE_UNIT}.service").write_text(
+        "[Unit]\nDescription=a service of the site, not of rlfleet\n"
+        "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n")
+    host.nsexec("systemctl", "daemon-reload")
+    host.nsexec("systemctl", "enable", "--now", SITE_UNIT)
+    host.nsexec("systemctl", "restart", "nginx")
+    host.path(SITE_ARTIFACT_FILE).parent.mkdir(parents=True)
+    host.path(SITE_ARTIFACT_FILE).write_text("data the site had before rlfleet\n")
+
+
+DECOY_VERSION = "99.0.0"
+
+
+def decoy_wheel(out: Path) -> Path:
+    """A higher-version `rlfleet` wheel in the hosts' --find-links directory: what someone
+    registering the name on an index would offer. The kit must never be resolved to it (site.yml
+    ships and installs the checkout's own wheel by path)."""
+    import base64
+    import hashlib
+    import zipfile
+
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [str(VENV_BIN / "pip"), "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    (wheel,) = out.glob("rlfleet-*.whl")
+    wheel = out / f"rlfleet-{DECOY_VERSION}-py3-none-any.whl"
+    info = f"rlfleet-{DECOY_VERSION}.dist-info"
+    files = {
+        "rlfleet/__init__.py": f'DECOY = True\n__version__ = "{DECOY_VERSION}"\n',
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: rlfleet\nVersion: {DECOY_VERSION}\n"
+                            "Provides-Extra: agents\nProvides-Extra: aws\nProvides-Extra: gcp\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: rlfleet-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
     return wheel
 
 
@@ -76,10 +145,10 @@ def write_site(host, workdir: Path, *, wheels: list[Path]) -> Site:
         "rlfleet_http_proxy": host.proxy_url,
         "rlfleet_admin_user": "root",
         "base_admin_authorized_keys": [(key.with_suffix(".pub")).read_text().strip()],
-        # CPU-only torch from a local wheel: PyPI's default torch pulls CUDA (~2.5 GB).
+        # CPU-only torch from a local wheel: PyPI's default torch pulls CUDA (~2.5 GB). The kit
+        # itself is built and shipped by site.yml (ray_runtime); `wheels` only adds --find-links.
         "ray_runtime_local_wheels": [str(w) for w in wheels] + torch,
-        "ray_runtime_packages": (["torch==2.13.0+cpu"] if torch else [])
-        + ["ray[default]==2.60.0", "rlfleet[agents]==0.1.0"],
+        "ray_runtime_packages": (["torch==2.13.0+cpu"] if torch else []) + ["ray[default]==2.60.0"],
         "monitoring_scrape_interval": "5s",
         # no registry reachable here ships Grafana: provisioning is written, the package is not
         "monitoring_grafana_install": False,
@@ -181,7 +250,7 @@ if __name__ == "__main__":  # manual debugging aid
     h = ThrowawayHost(wd)
     try:
         h.start()
-        site = write_site(h, wd, wheels=[build_wheel(wd / "wheels")])
+        site = write_site(h, wd, wheels=[decoy_wheel(wd / "wheels")])
         for n in (1, 2):
             r = playbook(site, wd, "site.yml")
             print(json.dumps({"run": n, "rc": r.rc, "s": round(r.seconds, 1), "recap": r.recap,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import PlayResult, Site, build_wheel, playbook, switch_to_ssh, write_site
+from .harness import PlayResult, Site, decoy_wheel, plant_existing_setup, playbook, switch_to_ssh, write_site
 from .throwaway import ThrowawayHost
 
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter", "ip", "zstd", "tar", "ssh", "ssh-keygen")
@@ -53,7 +53,11 @@ def onprem() -> Iterator[Onprem]:
     host = ThrowawayHost(workdir)
     try:
         host.start()
-        site = write_site(host, workdir, wheels=[build_wheel(workdir / "wheels")])
+        t0 = time.monotonic()
+        plant_existing_setup(host)  # what a lived-in server has before rlfleet (test_hardening.py)
+        host.timings["plant_s"] = time.monotonic() - t0
+        # a higher-version rlfleet wheel in --find-links: the kit must not resolve to it (test_kit_delivery.py)
+        site = write_site(host, workdir, wheels=[decoy_wheel(workdir / "wheels")])
         first = playbook(site, workdir, "site.yml")
         figures = dict(host.timings, first_converge_s=first.seconds, first_changed=first.changed)
         print(f"\n[onprem] host {host.name} at {host.ip}; first converge {first.seconds:.0f} s, "

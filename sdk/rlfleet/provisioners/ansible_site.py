@@ -20,8 +20,10 @@ ansible and ansible_runner are imported only inside the functions that run them.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet.errors import ConfigError, ProvisionerError
-from rlfleet.targets import Target, rlfleet_home
+from rlfleet.targets import Target, check_target_name, rlfleet_home
 
 Echo = Callable[[str], None]
 
@@ -119,6 +121,7 @@ def read_inventory(inventory: str | Path, *, vault_password_file: str | None = N
     if vault_password_file:
         cmd += ["--vault-password-file", vault_password_file]
     env = _clean_env()
+    env["ANSIBLE_INVENTORY_UNPARSED_FAILED"] = "True"  # an unparsable inventory is an error, not an empty one
     if playbook_dir is not None:
         env["ANSIBLE_CONFIG"] = str(playbook_dir / "ansible.cfg")
     try:
@@ -126,7 +129,11 @@ def read_inventory(inventory: str | Path, *, vault_password_file: str | None = N
     except subprocess.TimeoutExpired:
         raise ProvisionerError(f"ansible-inventory on {inventory} did not finish in 120 s") from None
     if proc.returncode != 0:
-        err = proc.stderr.strip().splitlines()
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        # the last [ERROR] line says what failed; an 'Unable to parse' warning says where
+        err = [ln for ln in lines if ln.startswith("[ERROR]")][-1:] or lines[-1:]
+        err += [ln for ln in lines if "Unable to parse" in ln][:1]
+        err = [" ".join(err)] if err else []
         hint = ""
         if "vault" in proc.stderr.lower():
             hint = (" (the inventory holds ansible-vault data: give vault_password_file= or set "
@@ -155,6 +162,14 @@ def _literal(value: Any, name: str, inventory: str) -> str:
             "so give it as a literal value in group_vars"
         )
     return s
+
+
+def _is_host(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return bool(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*", address))
 
 
 @dataclass(frozen=True)
@@ -187,10 +202,19 @@ def site_info(inventory: str | Path, *, vault_password_file: str | None = None,
     pki = hv.get("rlfleet_pki_dir")
     pki_dir = Path(_literal(pki, "rlfleet_pki_dir", where)).expanduser() if pki else inv_dir / "pki"
     token = hv.get("vault_ray_token")
+    if not artifact_dir.startswith("/"):
+        raise ConfigError(f"inventory {where}: nas_client_artifact_dir {artifact_dir!r} must be an absolute path")
+    address = _literal(hv["rlfleet_address"], "rlfleet_address", where)
+    if not _is_host(address):
+        raise ConfigError(f"inventory {where}: rlfleet_address {address!r} of host {head!r} is not an IP address "
+                          "or host name")
+    port = _literal(hv.get("tls_front_ray_api_port", DEFAULT_RAY_API_PORT), "tls_front_ray_api_port", where)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"inventory {where}: tls_front_ray_api_port {port!r} is not a TCP port (1-65535)")
     return SiteInfo(
         head=head,
-        head_address=_literal(hv["rlfleet_address"], "rlfleet_address", where),
-        api_port=int(hv.get("tls_front_ray_api_port", DEFAULT_RAY_API_PORT)),
+        head_address=address,
+        api_port=int(port),
         artifact_dir=artifact_dir,
         pki_dir=pki_dir,
         hosts=_group_hosts(inv, "rlfleet"),
@@ -215,6 +239,7 @@ def target_from(name: str, *, inventory: str | None = None, token_file: str | No
                 ca_cert: str | None = None, client_artifact_root: str | None = None,
                 env_vars: dict[str, str] | None = None, **_: Any) -> Target:
     """Build the onprem target from its inventory (see the module docstring)."""
+    check_target_name(name)  # before anything is written for it (the token file below)
     if not inventory:
         raise ConfigError("an onprem target needs --inventory <infra_onprem/inventories/<site>>")
     pdir = _playbook_dir(playbook_dir)
@@ -233,7 +258,7 @@ def target_from(name: str, *, inventory: str | None = None, token_file: str | No
     return Target(
         name=name,
         kind="onprem",
-        ray_address=f"https://{info.head_address}:{info.api_port}",
+        ray_address=f"https://{_url_host(info.head_address)}:{info.api_port}",
         token_source=source,
         artifact_root=f"file://{info.artifact_dir}",
         client_artifact_root=client_artifact_root,
@@ -242,6 +267,10 @@ def target_from(name: str, *, inventory: str | None = None, token_file: str | No
                      **({"vault_password_file": vault} if vault else {})},
         env_vars=dict(env_vars or {}),
     )
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 # -- running playbooks --------------------------------------------------------------------------
@@ -367,9 +396,11 @@ def plan_destroy(target: Target, *, delete_data: bool = False) -> list[str]:
     for h in info.hosts or [info.head]:
         out.append(f"{h}: stop and remove units rlfleet-ray-head/rlfleet-ray-worker/rlfleet-dcgm-exporter")
         out.append(f"{h}: remove /opt/rlfleet (venv), /etc/rlfleet (Ray token, TLS keys), Ray temp dir")
-        out.append(f"{h}: stop nginx (TLS front), prometheus, node_exporter, grafana")
+        out.append(f"{h}: stop nginx (TLS front), prometheus, node_exporter, grafana where rlfleet installed them "
+                   "(services that were there before stay as they were); put back the nginx.conf it replaced")
         if delete_data:
-            out.append(f"{h}: DELETE artifact data {info.artifact_dir}")
+            out.append(f"{h}: DELETE artifact data {info.artifact_dir} (only if rlfleet created it: "
+                       ".created-by-rlfleet in it)")
     if not delete_data:
         out.append(f"kept: artifact data under {info.artifact_dir} (NAS), firewall and base hardening")
     return out
