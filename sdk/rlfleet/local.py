@@ -208,26 +208,54 @@ def _same_process(st: dict[str, Any], role: str) -> int | None:
     return pid
 
 
+def _cmdline(pid: int) -> list[bytes] | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return None
+
+
 def _verified_holder(st: dict[str, Any]) -> int | None:
-    """The namespace holder of this cluster, or None: it must be the recorded process (start time),
-    a ``sleep infinity``, in the recorded namespace, and that namespace must not be the caller's."""
+    """The namespace holder of this cluster, or None: it must be the recorded process (boot, start
+    time, owner), a ``sleep infinity``, in the recorded namespace, and that namespace must not be the
+    caller's."""
+    if not st.get("boot_id"):
+        return _legacy_holder(st)
     pid = _same_process(st, "holder")
     if pid is None:
         return None
     ino = _netns_inode(pid)
     if ino is None or ino != st.get("netns_inode") or ino == _netns_inode("self"):
         return None
-    try:
-        if Path(f"/proc/{pid}/cmdline").read_bytes() != b"sleep\0infinity\0":
-            return None
-    except OSError:
+    return pid if _cmdline(pid) == [b"sleep", b"infinity"] else None
+
+
+def _legacy_holder(st: dict[str, Any]) -> int | None:
+    """A head started before identities were recorded: its holder counts only with proof that it is
+    this cluster's -- a ``sleep infinity`` of this user in a namespace that is not the caller's,
+    shared with this user's forwarder whose command line names exactly that holder and the recorded
+    ports (only ``ensure_local_up`` starts such a pair)."""
+    pid, fwd = st.get("holder_pid"), st.get("forwarder_pid")
+    if st.get("isolation") != "netns" or not all(isinstance(p, int) and p > 0 for p in (pid, fwd)):
+        return None
+    if not (_alive(pid) and _alive(fwd) and _owned(pid) and _owned(fwd)):
+        return None
+    ino = _netns_inode(pid)
+    if ino is None or ino == _netns_inode("self") or _netns_inode(fwd) != ino:
+        return None
+    ports = ",".join(str(p) for p in [st.get("dashboard_port"), *st.get("serve_ports", [])])
+    want = [b"-m", b"rlfleet._netns", b"--pid", str(pid).encode(), b"--ports", ports.encode()]
+    if _cmdline(pid) != [b"sleep", b"infinity"] or (_cmdline(fwd) or [])[1:] != want:
         return None
     return pid
 
 
 def _verified_forwarder(st: dict[str, Any], holder: int | None) -> int | None:
-    pid = _same_process(st, "forwarder")
-    if holder is None or pid is None or _netns_inode(pid) != st.get("netns_inode"):
+    """The forwarder of a verified holder: the recorded process, inside the holder's namespace."""
+    if holder is None:
+        return None
+    pid = _same_process(st, "forwarder") if st.get("boot_id") else st.get("forwarder_pid")  # legacy: proven
+    if not isinstance(pid, int) or _netns_inode(pid) != _netns_inode(holder):
         return None
     return pid
 
@@ -272,6 +300,13 @@ def _ray_env(temp_dir: str) -> dict[str, str]:
             "RAY_TMPDIR": temp_dir,
         }
     )
+    import importlib.util
+
+    from rlfleet.preflight import RAY_PLUGINS_VALUE
+
+    if importlib.util.find_spec("rlfleet_agents") is not None:  # runs' requirements (rlfleet_agents.requirements_env)
+        env["RAY_RUNTIME_ENV_PLUGINS"] = RAY_PLUGINS_VALUE
+        env["RLFLEET_REQUIREMENTS_CACHE"] = str(rlfleet_home() / "cache" / "requirements")
     return env
 
 
@@ -467,9 +502,9 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
         say("stopping the local Ray head ...")
     _stop_cluster_processes(_ray_temp_dir(), holder)
     if fwd is not None:
-        _signal(fwd, st["forwarder_start"])
+        _signal(fwd, st.get("forwarder_start") or proc_start_time(fwd))  # legacy state: just verified
     if holder is not None:
-        _signal(holder, st["holder_start"])
+        _signal(holder, st.get("holder_start") or proc_start_time(holder))
     with contextlib.suppress(FileNotFoundError):
         _state_file().unlink()
     _remove_temp_parent()
@@ -497,7 +532,7 @@ def _cluster_pids(temp_dir: str, holder: int | None = None) -> list[int]:
 
     - the namespace counts only if ``holder`` is the holder verified against the current state
       (same boot, start time, ``sleep infinity``, recorded namespace inode, not the caller's own
-      namespace);
+      namespace; for state written before identities were recorded, see ``_legacy_holder``);
     - the environment marker counts only for this home's own temp dir (computed from
       ``$RLFLEET_HOME``, never taken from the state) -- a path under this user's private /tmp
       directory that only rlfleet puts into ``RAY_TMPDIR``, for the processes it starts;
@@ -507,7 +542,7 @@ def _cluster_pids(temp_dir: str, holder: int | None = None) -> list[int]:
     if holder is not None:
         st = read_state()
         if _verified_holder(st) == holder:
-            netns = st["netns_inode"]
+            netns = _netns_inode(holder)
     own = (_ray_temp_dir(), str(_temp_parent()))  # the second: heads started before the 0700 parent
     markers = {f"RAY_TMPDIR={d}".encode() for d in own} if temp_dir in own else set()
     me = os.getpid()

@@ -274,10 +274,11 @@ def test_local_down_stops_only_its_own_cluster(local_cluster, tmp_path, monkeypa
     from rlfleet.local import _cluster_pids, _healthy, ensure_local_up, local_down, read_state
     from rlfleet.provisioners import local as local_prov
 
+    mine = local_cluster.ray_address  # read before RLFLEET_HOME moves: local_cluster follows the live state
     monkeypatch.setenv("RLFLEET_HOME", str(tmp_path / "other-home"))
     other = ensure_local_up(num_cpus=1)
     st = read_state()
-    assert other.ray_address != local_cluster.ray_address
+    assert other.ray_address != mine
     assert _cluster_pids(st["temp_dir"], st["holder_pid"])
     assert local_down() is True
     assert local_prov.scan_leftovers(other) == []

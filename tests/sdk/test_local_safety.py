@@ -149,7 +149,32 @@ _SANDBOX = textwrap.dedent(
     deadline = time.monotonic() + 15
     while leftover.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    # control: a head started before identities were recorded (legacy state.json) is still stopped,
+    # holder and forwarder included, when the pair proves itself (see rlfleet.local._legacy_holder)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lholder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
+    while ns(lholder.pid) == host_ns:
+        time.sleep(0.01)
+    lfwd = subprocess.Popen([sys.executable, "-m", "rlfleet._netns", "--pid", str(lholder.pid), "--ports", str(port)],
+                            stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while ns(lfwd.pid) != ns(lholder.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    linside = subprocess.Popen(["nsenter", f"--net=/proc/{lholder.pid}/ns/net", "sleep", "300"])
+    while ns(linside.pid) != ns(lholder.pid):
+        time.sleep(0.01)
+    local._state_file().write_text(json.dumps({**base, "isolation": "netns", "holder_pid": lholder.pid,
+                                               "forwarder_pid": lfwd.pid, "dashboard_port": port}))
+    local.local_down()
+    deadline = time.monotonic() + 15
+    legacy = {"holder": lholder, "forwarder": lfwd, "inside": linside}
+    while any(p.poll() is None for p in legacy.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     print(json.dumps({"scenarios": out, "own_leftover_stopped": leftover.poll() is not None,
+                      "legacy_left": sorted(k for k, p in legacy.items() if p.poll() is None),
                       "others_alive": sorted(k for k, p in victims.items() if p.poll() is None)}))
     """
 )
@@ -177,6 +202,7 @@ def test_stale_or_forged_state_never_signals_other_processes(tmp_path) -> None:
         assert sc["leftovers"] == [], f"{sc['scenario']}: {sc['leftovers']}"
     assert len(doc["others_alive"]) == 6
     assert doc["own_leftover_stopped"], "a process carrying this home's RAY_TMPDIR must still be stopped"
+    assert doc["legacy_left"] == [], "a head from before identities were recorded must still be stopped"
 
 
 # -- item 3: RLFLEET_LOCAL_ISOLATION=none reuses a healthy head ---------------------------------------
