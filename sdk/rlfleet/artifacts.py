@@ -129,8 +129,10 @@ class Manifest:
         try:
             d = json.loads(text)
             files = {k: FileEntry(sha256=v["sha256"], size=int(v["size"])) for k, v in d["files"].items()}
+            if not isinstance(d.get("extra", {}), dict):
+                raise TypeError("'extra' is not a mapping")
             return cls(run_id=d["run_id"], files=files, created_at=d["created_at"], extra=d.get("extra", {}))
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise TamperedRunError(f"{where}/{MANIFEST} is not a valid manifest ({err})") from None
 
     @property
@@ -223,6 +225,8 @@ class ArtifactStore:
                 entries = self.fs.ls(base, detail=True)
             except FileNotFoundError:
                 return []
+            except NotADirectoryError:
+                raise ArtifactError(f"artifact root {self.root_uri} is not a directory") from None
             return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
 
         return self.retry(f"list {base}", _ls)
@@ -303,7 +307,7 @@ class RunArtifacts:
         path = self._p(rel)
         try:
             return self.store.retry(f"read {rel} of run {self.run_id}", lambda: self.store.fs.cat_file(path))
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactError(f"run {self.run_id} has no {rel} (looked in {self.uri})") from None
 
     def exists(self, rel: str) -> bool:

@@ -356,6 +356,7 @@ def _read_source(tgt: Target, source: str, kind: Kind) -> RunSpec | None:
     from rlfleet.artifacts import ArtifactStore, open_run
 
     definite = "://" not in source and tgt.reader_artifact_root.startswith("file://")
+    damaged: str | None = None
     try:
         if "://" in source:
             arts = open_run(source, storage_options=tgt.storage_options, retries=1)
@@ -363,8 +364,19 @@ def _read_source(tgt: Target, source: str, kind: Kind) -> RunSpec | None:
             store = ArtifactStore(tgt.reader_artifact_root, storage_options=tgt.storage_options, retries=1)
             arts = store.run(source)
         complete = arts.is_complete()
-        raw = arts.read_bytes("spec.json", allow_incomplete=True) if complete or arts.exists("spec.json") else None
+        if complete:
+            try:
+                arts.manifest()
+            except ArtifactError as err:  # a manifest that cannot be read is no commit point
+                damaged = str(err)
+        raw = None if damaged else (
+            arts.read_bytes("spec.json", allow_incomplete=True) if complete or arts.exists("spec.json") else None)
     except (RlfleetError, OSError):
+        return None
+    if damaged:
+        if definite:
+            raise IncompleteRunError(f"source: run {source!r} is damaged ({damaged}); a {kind.value} run needs "
+                                     "a finished train run")
         return None
     if definite and raw is None and not complete:
         raise IncompleteRunError(

@@ -251,6 +251,8 @@ def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
                                "state": state, "problem": problem}
         try:
             spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
+            if not isinstance(spec, dict):
+                raise ValueError("spec.json is not a mapping")
             doc.update(kind=spec.get("kind"), name=spec.get("name"))
         except (ArtifactError, ValueError):
             doc.update(kind=None, name=None)
