@@ -236,7 +236,7 @@ def _legacy_holder(st: dict[str, Any]) -> int | None:
     shared with this user's forwarder whose command line names exactly that holder and the recorded
     ports (only ``ensure_local_up`` starts such a pair)."""
     pid, fwd = st.get("holder_pid"), st.get("forwarder_pid")
-    if st.get("isolation") != "netns" or not all(isinstance(p, int) and p > 0 for p in (pid, fwd)):
+    if st.get("isolation") != "netns" or not isinstance(pid, int) or not isinstance(fwd, int) or min(pid, fwd) <= 0:
         return None
     if not (_alive(pid) and _alive(fwd) and _owned(pid) and _owned(fwd)):
         return None
