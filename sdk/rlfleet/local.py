@@ -401,8 +401,8 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
             return local_target()
         if st:
             _stop_locked(say, quiet=True)
-        _ensure_token()
         _private_dir(_temp_parent(), "the local Ray head's temp directory", tighten=False)
+        _ensure_token()
         temp_dir = _ray_temp_dir()
         ports = _free_ports(1 + N_SERVE_PORTS)
         dash, serve = ports[0], ports[1:]

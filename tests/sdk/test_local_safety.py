@@ -268,7 +268,7 @@ def test_temp_dir_someone_else_controls_is_refused(tmp_path) -> None:
             lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
             assert str(parent) in lines[-1] and "refus" in lines[-1], f"{case}: {res.stderr}"
             assert sorted(os.listdir(parent)) == before, f"{case}: wrote into {parent}"
-            assert not (home / "local" / "state.json").exists()
+            assert not (home / "local" / "state.json").exists() and not (home / "local" / "token").exists()
     finally:
         for home in cases.values():
             if (home / "local" / "state.json").exists():  # old code started a head: stop it
