@@ -13,6 +13,7 @@ Default run: ~1.5 minutes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -89,14 +90,18 @@ def make_source_run(root: Path) -> bytes:
     return data
 
 
-def start_ours(root: Path, token_file: Path) -> tuple[subprocess.Popen, str]:
+def start_ours(root: Path, token: str) -> tuple[subprocess.Popen, str]:
+    from rlfleet.envelope import RunEnvelope
+    from rlfleet.spec import RunSpec
+
     port = _free_port()
+    envelope = RunEnvelope(
+        run_id="dep", artifact_root=f"file://{root}", source_uri=f"file://{root}/runs/src", target="bench",
+        spec=RunSpec(kind="deploy", source="src", deploy={"name": "cartpole", "port": port}),
+        serve_token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+    )
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RLFLEET_", "RAY_"))},
-           "PYTHONPATH": f"{REPO / 'sdk'}:{REPO / 'agents'}", "RLFLEET_RUN_ID": "dep",
-           "RLFLEET_ARTIFACT_ROOT": f"file://{root}", "RLFLEET_SOURCE_URI": f"file://{root}/runs/src",
-           "RLFLEET_SERVE_TOKEN_FILE": str(token_file), "RLFLEET_TARGET": "bench",
-           "RLFLEET_SPEC": json.dumps({"kind": "deploy", "source": "src", "deploy": {"name": "cartpole",
-                                                                                    "port": port}})}
+           "PYTHONPATH": f"{REPO / 'sdk'}:{REPO / 'agents'}", **envelope.to_env()}
     proc = subprocess.Popen([sys.executable, "-m", "rlfleet_agents.run"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     ep = root / "runs" / "dep" / "endpoint.json"
@@ -172,7 +177,7 @@ def main() -> None:
     ours_proc = None
     try:
         onnx_bytes = make_source_run(root)
-        ours_proc, ours_url = start_ours(root, token_file)
+        ours_proc, ours_url = start_ours(root, token)
         ray_url = start_ray_serve(onnx_bytes, token, tmp)
         for name, url in (("ours", ours_url), ("ray_serve", ray_url)):
             r = httpx.post(url, json={"observations": OBS}, headers={"Authorization": f"Bearer {token}"}, timeout=30)

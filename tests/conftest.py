@@ -134,3 +134,38 @@ def gcs_emulator() -> Iterator[str]:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+def write_wheel(out_dir: Path, name: str, version: str, module_src: str) -> Path:
+    """A real, minimal pure-Python wheel (PEP 427), built without any build backend."""
+    import base64
+    import hashlib
+    import io
+    import zipfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": module_src.encode(),
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: rlfleet-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = out_dir / f"{name}-{version}-py3-none-any.whl"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    wheel.write_bytes(buf.getvalue())
+    return wheel
+
+
+@pytest.fixture
+def make_wheel():
+    """write_wheel(out_dir, name, version, module_src) -> path of a real pure-Python wheel."""
+    return write_wheel

@@ -13,8 +13,12 @@ from pathlib import Path
 from rlfleet.errors import SpecError
 from rlfleet.spec import RunSpec
 
-# Ray expands this in pip requirements to the run's unpacked working_dir on the node.
+# The run's unpacked working_dir on the node, as Ray names it while it builds a runtime env.
 WORKING_DIR_VAR = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"
+# runtime_env key of the plugin that installs a run's requirements (rlfleet_agents.requirements_env)
+REQUIREMENTS_PLUGIN = "rlfleet_requirements"
+# every node's Ray is started with RAY_RUNTIME_ENV_PLUGINS=<this> so it can install them
+RAY_PLUGINS_VALUE = '[{"class": "rlfleet_agents.requirements_env.RequirementsPlugin"}]'
 
 
 def check_spec(spec: RunSpec) -> None:

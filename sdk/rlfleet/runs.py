@@ -195,8 +195,8 @@ class Run:
         message = self.message()
         if "runtime_env" in message or "RuntimeEnvSetupError" in message:
             for line in message.splitlines():
-                if line.strip().startswith("ERROR:"):
-                    return line.strip()
+                if "ERROR:" in line:  # pip's first error line, as the requirements plugin raised it
+                    return line[line.index("ERROR:") :].strip()
         return message or "no message"
 
     # -- outputs ------------------------------------------------------------------------------
@@ -304,9 +304,9 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if spec.code:
         runtime_env["working_dir"] = client.upload_working_dir(spec.code)
-    pip = preflight.requirements(spec)
-    if pip:
-        runtime_env["pip"] = {"packages": pip, "pip_check": False}
+    packages = preflight.requirements(spec)
+    if packages:  # installed on each node by rlfleet_agents.requirements_env (registered with Ray)
+        runtime_env[preflight.REQUIREMENTS_PLUGIN] = {"packages": packages}
     metadata = {
         META_PREFIX + "run_id": run_id,
         META_PREFIX + "kind": spec.kind.value,

@@ -149,3 +149,15 @@ def test_tls_endpoint_with_pinned_ca(tmp_path: Path) -> None:
         proxy.terminate()
         proxy.wait(10)
         upstream.shutdown()
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+def test_bootstrap_registers_the_requirements_plugin_and_never_serves_with_the_cluster_token(cloud: str) -> None:
+    """Runs' requirements need the plugin on every node; a deployment has its own token (issue 10.7),
+    so no node hands the Ray token to a policy server."""
+    from rlfleet.preflight import RAY_PLUGINS_VALUE
+
+    for role in ("head", "worker"):
+        script = _script(cloud, role)
+        assert f"RAY_RUNTIME_ENV_PLUGINS='{RAY_PLUGINS_VALUE}'" in script
+        assert "RLFLEET_SERVE_TOKEN_FILE" not in script

@@ -6,15 +6,10 @@ on the submitter's paths. These tests take the submitter's files away right afte
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import shutil
 import textwrap
 import urllib.error
 import urllib.request
-import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -22,30 +17,6 @@ from rlfleet import RunSpec, RunStatus, submit_run
 from rlfleet.errors import RlfleetError
 
 pytestmark = pytest.mark.integration
-
-
-def _write_wheel(out_dir: Path, name: str, version: str, module_src: str) -> Path:
-    """A real, minimal pure-Python wheel (PEP 427), built without any build backend."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}.py": module_src.encode(),
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: rlfleet-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for path, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(data)}")
-    record.append(f"{dist}/RECORD,,")
-    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
-    wheel = out_dir / f"{name}-{version}-py3-none-any.whl"
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for path, data in files.items():
-            zf.writestr(path, data)
-    wheel.write_bytes(buf.getvalue())
-    return wheel
 
 
 ENV_MODULE = textwrap.dedent('''
@@ -78,13 +49,14 @@ ENV_MODULE = textwrap.dedent('''
 ''')
 
 
-def test_bring_your_own_env_with_requirements_runs_after_the_code_dir_is_gone(local_cluster, tmp_path) -> None:
+def test_bring_your_own_env_with_requirements_runs_after_the_code_dir_is_gone(local_cluster, tmp_path,
+                                                                             make_wheel) -> None:
     """Bug (issue 9): the run re-validated the spec on the cluster and failed with
     "code: '...' is not a directory on this machine" once the submitter's directory was gone."""
     proj = tmp_path / "my_project"
     proj.mkdir()
     (proj / "corridor_env.py").write_text(ENV_MODULE)
-    _write_wheel(proj / "wheels", "corridor_rewards", "1.0", "def reward(done):\n    return 1.0 if done else -0.01\n")
+    make_wheel(proj / "wheels", "corridor_rewards", "1.0", "def reward(done):\n    return 1.0 if done else -0.01\n")
     (proj / "requirements.txt").write_text("./wheels/corridor_rewards-1.0-py3-none-any.whl\n")
     spec = RunSpec(kind="train", agent="random", env="corridor_env:Corridor-v0", env_kwargs={"length": 3},
                    code=str(proj), requirements="requirements.txt", budget={"steps": 300}, name="byo-gone")

@@ -122,8 +122,9 @@ setup_monitoring "$NODE_IP" || log "monitoring agent setup failed; continuing wi
 cat >/etc/rlfleet/ray.env <<ENV
 RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN_PATH=/etc/rlfleet/ray_token
-RLFLEET_SERVE_TOKEN_FILE=/etc/rlfleet/ray_token
 RLFLEET_TARGET=${STACK}
+RAY_RUNTIME_ENV_PLUGINS='[{"class": "rlfleet_agents.requirements_env.RequirementsPlugin"}]'
+RLFLEET_REQUIREMENTS_CACHE=/var/lib/rlfleet/requirements
 ENV
 chmod 0640 /etc/rlfleet/ray.env
 chgrp rlfleet /etc/rlfleet/ray.env
