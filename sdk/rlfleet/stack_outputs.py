@@ -7,6 +7,9 @@ module imports nothing but the standard library so a Pulumi program can import i
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 # -- stack output keys ------------------------------------------------------------------------
 OUTPUT_RAY_ADDRESS = "ray_address"  # https://<head static ip>:<api port> (TLS, pinned CA)
 OUTPUT_ARTIFACT_ROOT = "artifact_root"  # s3://<bucket>/rlfleet | gs://<bucket>/rlfleet
@@ -17,7 +20,7 @@ OUTPUT_DASHBOARD_URL = "dashboard_url"  # cloud console dashboard
 OUTPUT_REGION = "region"
 OUTPUT_HEAD_INSTANCE = "head_instance"  # instance id (aws) / name (gcp)
 OUTPUT_WORKER_INSTANCES = "worker_instances"
-OUTPUT_STACK_TAG = "stack_tag"  # value of the rlfleet:stack tag / rlfleet-stack label
+OUTPUT_STACK_TAG = "stack_tag"  # the stack id (make_stack_id): value of rlfleet:stack / rlfleet-stack
 
 ALL_OUTPUTS = (
     OUTPUT_RAY_ADDRESS,
@@ -57,3 +60,27 @@ METRIC_ENV_STEPS_TOTAL = "ray_rlfleet_env_steps_total"
 # Where the head publishes its CA certificate, relative to the artifact bucket.
 CA_CERT_OBJECT = "rlfleet/cluster/head-ca.pem"
 ARTIFACT_PREFIX = "rlfleet"
+
+
+# -- stack id ---------------------------------------------------------------------------------
+# The value of the rlfleet:stack tag / rlfleet-stack label. A bare stack name ("dev") is not
+# unique: the same name exists in other regions, accounts and Pulumi projects, and IAM is global.
+# The programs derive the id deterministically (the same inputs give the same id on every
+# `pulumi up`, also after a destroy, so data kept by `down` stays findable by the next target of
+# that stack) and export it as OUTPUT_STACK_TAG; teardown scans only for it.
+_ID_HASH_LEN = 12
+_ID_RE = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,39}}-[0-9a-f]{{{_ID_HASH_LEN}}}")
+
+
+def make_stack_id(*, cloud: str, account: str, region: str, organization: str, project: str, stack: str) -> str:
+    """``<stack slug>-<12 hex>``: a GCP-label-safe value, unique per (cloud, account / GCP project,
+    region, Pulumi organization, Pulumi project, stack)."""
+    parts = [cloud, account, region, organization, project, stack]
+    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:_ID_HASH_LEN]
+    slug = re.sub(r"[^a-z0-9_-]+", "-", stack.lower()).strip("-_")[:40].rstrip("-_") or "stack"
+    return f"{slug}-{digest}"
+
+
+def is_stack_id(value: str) -> bool:
+    """True for an id made by make_stack_id; False for a bare stack name (stacks made before ids)."""
+    return bool(_ID_RE.fullmatch(value or ""))

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pulumi
 import pytest
@@ -31,6 +31,7 @@ class Captured:
     name: str
     inputs: dict[str, Any]
     state: dict[str, Any]
+    retain_on_delete: bool = False  # the resource option, as the engine would receive it
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -87,7 +88,8 @@ class Mocks(pulumi.runtime.Mocks):
         self.calls.append((args.token, dict(args.args)))
         tok = args.token
         if tok == "aws:index/getRegion:getRegion":
-            return {"name": "us-east-1", "region": "us-east-1", "id": "us-east-1"}
+            region = pulumi.runtime.get_config("aws:region") or "us-east-1"
+            return {"name": region, "region": region, "id": region}
         if tok == "aws:index/getCallerIdentity:getCallerIdentity":
             return {"accountId": ACCOUNT, "arn": f"arn:aws:iam::{ACCOUNT}:user/t", "userId": "u", "id": ACCOUNT}
         if tok == "aws:ec2/getAmi:getAmi":
@@ -104,8 +106,19 @@ class Mocks(pulumi.runtime.Mocks):
         raise NotImplementedError(f"mock call {tok} not answered")
 
 
+class Monitor(pulumi.runtime.mocks.MockMonitor):
+    """The mock monitor, also recording each resource's retainOnDelete option (not in MockResourceArgs)."""
+
+    retain: ClassVar[dict[tuple[str, str], bool]] = {}
+
+    def RegisterResource(self, request):
+        self.retain[(request.type, request.name)] = bool(request.retainOnDelete)
+        return super().RegisterResource(request)
+
+
 MOCKS = Mocks()
-pulumi.runtime.set_mocks(MOCKS, project="rlfleet-test", stack="dev", preview=False)
+MONITOR = Monitor(MOCKS)
+pulumi.runtime.set_mocks(MOCKS, project="rlfleet-test", stack="dev", preview=False, monitor=MONITOR)
 
 
 @dataclass
@@ -138,6 +151,8 @@ def build(program: Callable[[], dict[str, pulumi.Output]], config: dict[str, str
             lambda vals: holder.__setitem__("values", dict(zip(keys, vals, strict=True))))
 
     run()
+    for r in MOCKS.resources:
+        r.retain_on_delete = MONITOR.retain.get((r.typ, r.name), False)
     secret = {k: _sync_await(o.is_secret()) for k, o in holder["outs"].items()}
     return Built(list(MOCKS.resources), holder["values"], secret)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import ipaddress
 import json
 from functools import cache
 from typing import Any
+
+from rlfleet_cloud.settings import world_open_reason
 
 from rlfleet.stack_outputs import (
     AWS_TAG_MANAGED,
@@ -17,9 +18,6 @@ from rlfleet.stack_outputs import (
     GCP_LABEL_MANAGED,
     GCP_LABEL_STACK,
 )
-
-WORLD = {"0.0.0.0/0", "::/0"}
-
 
 @cache
 def accepts(typ: str, param: str) -> bool:
@@ -55,7 +53,8 @@ def aws_violations(resources: list[Any], stack: str, *, allow_world: bool = Fals
         if r.typ == "aws:ec2/securityGroup:SecurityGroup":
             for rule in i.get("ingress", []):
                 cidrs = set(rule.get("cidrBlocks", [])) | set(rule.get("ipv6CidrBlocks", []))
-                if cidrs & WORLD and not allow_world and any(p in _ports(rule) for p in CONTROL_PORTS):
+                world = bool(cidrs) and world_open_reason(cidrs) is not None
+                if world and not allow_world and any(p in _ports(rule) for p in CONTROL_PORTS):
                     bad.append(f"{where}: world-open ingress on a control port")
                 if not cidrs and not rule.get("self") and not rule.get("securityGroups"):
                     bad.append(f"{where}: ingress rule without a source")
@@ -101,7 +100,7 @@ def gcp_violations(resources: list[Any], stack: str, *, allow_world: bool = Fals
         if r.typ == "gcp:compute/firewall:Firewall":
             ranges = set(i.get("sourceRanges") or [])
             ports = {int(p) for a in i.get("allows", []) for p in a.get("ports", [])} or set(CONTROL_PORTS)
-            if ranges & WORLD and not allow_world and ports & set(CONTROL_PORTS):
+            if ranges and world_open_reason(ranges) and not allow_world and ports & set(CONTROL_PORTS):
                 bad.append(f"{where}: world-open ingress on a control port")
             if not ranges and not i.get("sourceTags"):
                 bad.append(f"{where}: ingress rule without a source")
@@ -130,7 +129,3 @@ def gcp_violations(resources: list[Any], stack: str, *, allow_world: bool = Fals
             if not role.startswith("roles/") and not i.get("condition"):
                 bad.append(f"{where}: custom role bound without a condition")
     return bad
-
-
-def world_cidr(c: str) -> bool:
-    return ipaddress.ip_network(c).prefixlen == 0

@@ -30,14 +30,14 @@ def stack() -> Built:
 
 
 def test_policy_checks_pass_and_can_fail(stack: Built) -> None:
-    assert aws_violations(stack.resources, "dev") == []
+    assert aws_violations(stack.resources, stack.outputs[so.OUTPUT_STACK_TAG]) == []
     broken = copy.deepcopy(stack.resources)
     inst = next(r for r in broken if r.typ == "aws:ec2/instance:Instance")
     inst.inputs["metadataOptions"]["httpTokens"] = "optional"
     sg = next(r for r in broken if r.typ == "aws:ec2/securityGroup:SecurityGroup")
     sg.inputs["ingress"][0]["cidrBlocks"] = ["0.0.0.0/0"]
     del next(r for r in broken if r.typ == "aws:s3/bucket:Bucket").inputs["tags"]
-    found = aws_violations(broken, "dev")
+    found = aws_violations(broken, stack.outputs[so.OUTPUT_STACK_TAG])
     assert any("IMDSv2" in v for v in found)
     assert any("world-open" in v for v in found)
     assert any("missing rlfleet tags" in v for v in found)
@@ -202,5 +202,5 @@ def test_config_errors_stop_the_program() -> None:
 def test_world_override_is_explicit_and_visible() -> None:
     b = build(aws_program, {**BASE, "rlfleet-aws:admin_cidrs": '["0.0.0.0/0"]',
                             "rlfleet-aws:allow_world_control_ports": "true"})
-    assert any("world-open" in v for v in aws_violations(b.resources, "dev"))
-    assert aws_violations(b.resources, "dev", allow_world=True) == []
+    assert any("world-open" in v for v in aws_violations(b.resources, b.outputs[so.OUTPUT_STACK_TAG]))
+    assert aws_violations(b.resources, b.outputs[so.OUTPUT_STACK_TAG], allow_world=True) == []

@@ -31,14 +31,14 @@ def stack() -> Built:
 
 
 def test_policy_checks_pass_and_can_fail(stack: Built) -> None:
-    assert gcp_violations(stack.resources, "dev") == []
+    assert gcp_violations(stack.resources, stack.outputs[so.OUTPUT_STACK_TAG]) == []
     broken = copy.deepcopy(stack.resources)
     vm = next(r for r in broken if r.typ == "gcp:compute/instance:Instance")
     vm.inputs["metadata"]["enable-oslogin"] = "FALSE"
     fw = next(r for r in broken if r.typ == "gcp:compute/firewall:Firewall" and r.name.endswith("admin"))
     fw.inputs["sourceRanges"] = ["0.0.0.0/0"]
     next(r for r in broken if r.typ == "gcp:storage/bucket:Bucket").inputs["labels"] = {}
-    found = gcp_violations(broken, "dev")
+    found = gcp_violations(broken, stack.outputs[so.OUTPUT_STACK_TAG])
     assert any("OS Login" in v for v in found) and any("world-open" in v for v in found)
     assert any("missing rlfleet labels" in v for v in found)
 
@@ -111,7 +111,8 @@ def test_identity_scoped_to_own_bucket_secret_logs_metrics(stack: Built) -> None
     role = stack.one("gcp:projects/iAMCustomRole:IAMCustomRole").inputs
     assert role["permissions"] == ["compute.instances.get", "compute.instances.stop"]
     binding = next(r for r in stack.of("gcp:projects/iAMMember:IAMMember") if "condition" in r.inputs)
-    assert 'startsWith("rlfleet-dev-")' in binding.inputs["condition"]["expression"]
+    expr = binding.inputs["condition"]["expression"]  # exact names (test_stack_scope.py)
+    assert '/instances/rlfleet-dev-head"' in expr and "startsWith" not in expr
 
 
 def test_secret_and_outputs(stack: Built) -> None:
@@ -135,7 +136,7 @@ def test_alerts_idle_stop_function_and_dashboard(stack: Built) -> None:
     assert set(pols) == {"gpu-idle-stop", "head-idle-stop", "unhealthy", "disk-full"}
     gpu = pols["gpu-idle-stop"]["conditions"][0]["conditionThreshold"]
     assert "agent.googleapis.com/gpu/utilization" in gpu["filter"] and gpu["duration"] == "1800s"
-    assert 'metadata.user_labels."rlfleet-stack" = "dev"' in gpu["filter"]
+    assert f'metadata.user_labels."rlfleet-stack" = "{stack.outputs[so.OUTPUT_STACK_TAG]}"' in gpu["filter"]
     channel = next(r for r in stack.of("gcp:monitoring/notificationChannel:NotificationChannel"))
     assert channel.inputs["type"] == "pubsub"
     assert pols["gpu-idle-stop"]["notificationChannels"] == [channel.state["id"]]
@@ -168,4 +169,4 @@ def test_service_accounts_carry_the_stack_marker_teardown_scans_for(stack: Built
     sas = stack.of("gcp:serviceaccount/account:Account")
     assert len(sas) >= 2
     for sa in sas:
-        assert "rlfleet-stack=dev" in sa.inputs["description"].split(), sa.name
+        assert f"rlfleet-stack={stack.outputs[so.OUTPUT_STACK_TAG]}" in sa.inputs["description"].split(), sa.name

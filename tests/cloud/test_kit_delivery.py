@@ -103,7 +103,7 @@ def test_aws_ships_the_wheel_as_encrypted_objects_in_the_stack_bucket(aws: Built
     for key, obj in objs.items():
         i = obj.inputs
         assert i["bucket"] == bucket and i["serverSideEncryption"] == "aws:kms" and i["kmsKeyId"] == key_arn
-        assert i["tags"]["rlfleet:stack"] == "dev" and i["tags"]["rlfleet:managed"] == "true"
+        assert i["tags"]["rlfleet:stack"] == aws.outputs["stack_tag"] and i["tags"]["rlfleet:managed"] == "true"
         src = i["source"]
         assert isinstance(src, pulumi.FileAsset)
         expected = kit.wheel if key.endswith(".whl") else kit.constraints

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_aws as aws
 from rlfleet_cloud.kit import checkout_kit
-from rlfleet_cloud.settings import ClusterSettings
+from rlfleet_cloud.settings import ClusterSettings, with_stack_id
 
 from rlfleet import stack_outputs as out
 from rlfleet.kit import Kit, KitError
@@ -33,6 +33,8 @@ class RayGpuCluster(pulumi.ComponentResource):
         region_res = aws.get_region()
         region = region_res.region or region_res.name
         account_id = aws.get_caller_identity().account_id
+        s = with_stack_id(s, account=account_id, region=region, organization=pulumi.get_organization(),
+                          project=pulumi.get_project())
         ami = aws.ec2.get_ami(most_recent=True, owners=[s.image_owner],
                               filters=[{"name": "name", "values": [s.image_family]},
                                        {"name": "architecture", "values": ["x86_64"]}])
@@ -69,6 +71,6 @@ class RayGpuCluster(pulumi.ComponentResource):
             out.OUTPUT_REGION: pulumi.Output.from_input(region),
             out.OUTPUT_HEAD_INSTANCE: head.instance_id,
             out.OUTPUT_WORKER_INSTANCES: pool.instance_ids,
-            out.OUTPUT_STACK_TAG: pulumi.Output.from_input(s.stack),
+            out.OUTPUT_STACK_TAG: pulumi.Output.from_input(s.stack_id),
         }
         self.register_outputs(self.outputs)

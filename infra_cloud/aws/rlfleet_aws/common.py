@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from rlfleet_cloud.settings import ClusterSettings, require_stack_id
+
 from rlfleet.stack_outputs import AWS_TAG_MANAGED, AWS_TAG_STACK
 
 PROJECT = "rlfleet-aws"
 
 
-def tags(stack: str, name: str) -> dict[str, str]:
-    """Tags for every taggable resource: teardown scans for rlfleet:stack / rlfleet:managed."""
-    return {"Name": f"rlfleet-{stack}-{name}", AWS_TAG_STACK: stack, AWS_TAG_MANAGED: "true"}
+def tags(s: ClusterSettings, name: str) -> dict[str, str]:
+    """Tags for every taggable resource: teardown scans for rlfleet:stack=<stack id> / rlfleet:managed."""
+    return {"Name": f"rlfleet-{s.stack}-{name}", AWS_TAG_STACK: require_stack_id(s), AWS_TAG_MANAGED: "true"}

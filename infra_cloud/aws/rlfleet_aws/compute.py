@@ -51,14 +51,14 @@ def _instance(name: str, a: NodeArgs, *, role: str, instance_type: str, user_dat
         metadata_options=IMDS_V2_ONLY,
         root_block_device={"encrypted": True, "kms_key_id": a.key_arn, "volume_size": s.disk_size_gb,
                            "volume_type": "gp3", "delete_on_termination": True,
-                           "tags": tags(s.stack, f"{role}-disk")},
+                           "tags": tags(s, f"{role}-disk")},
         ebs_optimized=True,
         monitoring=True,
         instance_initiated_shutdown_behavior="stop",
         instance_market_options=market,
         user_data=user_data,
         user_data_replace_on_change=False,
-        tags={**tags(s.stack, role), "rlfleet:role": role.split("-")[0]},
+        tags={**tags(s, role), "rlfleet:role": role.split("-")[0]},
         opts=pulumi.ResourceOptions(parent=parent, ignore_changes=["ami"]),
     )
 
@@ -72,7 +72,7 @@ class RayHead(pulumi.ComponentResource):
         super().__init__("rlfleet:aws:RayHead", name, None, opts)
         s = args.settings
         child = pulumi.ResourceOptions(parent=self)
-        eip = aws.ec2.Eip(f"{name}-ip", domain="vpc", tags=tags(s.stack, "head-ip"), opts=child)
+        eip = aws.ec2.Eip(f"{name}-ip", domain="vpc", tags=tags(s, "head-ip"), opts=child)
         user_data = pulumi.Output.all(eip.public_ip, args.secret_arn, args.ca_cert_uri, args.artifact_root,
                                       args.log_group, args.kit).apply(
             lambda v: aws_cloud_config(render_bootstrap(s, NodeParams(

@@ -73,13 +73,13 @@ class NodeIdentity(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         role = aws.iam.Role(f"{name}-role", assume_role_policy=ASSUME_EC2,
                             description=f"rlfleet {s.stack}: Ray cluster nodes", max_session_duration=3600,
-                            tags=tags(s.stack, "node-role"), opts=child)
+                            tags=tags(s, "node-role"), opts=child)
         doc = pulumi.Output.all(args.bucket_arn, args.key_arn, args.log_group_arn, args.secret_arn).apply(
             lambda a: json.dumps(node_policy_document(bucket_arn=a[0], key_arn=a[1], log_group_arn=a[2],
                                                       secret_arn=a[3], metric_namespace=args.metric_namespace)))
         aws.iam.RolePolicy(f"{name}-policy", role=role.id, policy=doc, opts=child)
         profile = aws.iam.InstanceProfile(f"{name}-profile", role=role.name,
-                                          tags=tags(s.stack, "node-profile"), opts=child)
+                                          tags=tags(s, "node-profile"), opts=child)
         self.role_arn = role.arn
         self.instance_profile = profile.name
         self.register_outputs({"role_arn": role.arn, "instance_profile": profile.name,

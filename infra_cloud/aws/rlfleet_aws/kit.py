@@ -35,7 +35,7 @@ class KitObjects(pulumi.ComponentResource):
             aws.s3.BucketObjectv2(f"{name}-{suffix}", bucket=args.bucket_name, key=key,
                                   source=pulumi.FileAsset(str(path)), content_type=ctype,
                                   server_side_encryption="aws:kms", kms_key_id=args.key_arn,
-                                  tags=tags(s.stack, f"kit-{suffix}"), opts=child)
+                                  tags=tags(s, f"kit-{suffix}"), opts=child)
             for suffix, key, path, ctype in (("wheel", wheel_key, kit.wheel, "application/zip"),
                                              ("constraints", constraints_key, kit.constraints, "text/plain"))
         ]

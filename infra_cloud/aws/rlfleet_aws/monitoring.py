@@ -34,9 +34,9 @@ class ClusterLogs(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/rlfleet/{s.stack}",
                                         retention_in_days=s.log_retention_days, kms_key_id=args.key_arn,
-                                        tags=tags(s.stack, "logs"), opts=child)
+                                        tags=tags(s, "logs"), opts=child)
         topic = aws.sns.Topic(f"{name}-alerts", name_prefix=f"rlfleet-{s.stack}-alerts-",
-                              kms_master_key_id=args.key_arn, tags=tags(s.stack, "alerts"), opts=child)
+                              kms_master_key_id=args.key_arn, tags=tags(s, "alerts"), opts=child)
         if s.alert_email:
             aws.sns.TopicSubscription(f"{name}-alerts-email", topic=topic.arn, protocol="email",
                                       endpoint=s.alert_email, opts=child)
@@ -99,7 +99,7 @@ class ClusterMonitoring(pulumi.ComponentResource):
 
         def alarm(suffix: str, desc: str, **kw: object) -> aws.cloudwatch.MetricAlarm:
             return aws.cloudwatch.MetricAlarm(f"{name}-{suffix}", alarm_description=desc,
-                                              tags=tags(s.stack, suffix), opts=child, **kw)  # type: ignore[arg-type]
+                                              tags=tags(s, suffix), opts=child, **kw)  # type: ignore[arg-type]
 
         nodes = [("head", args.head_instance_id)] + [(f"worker-{i}", w) for i, w in enumerate(args.worker_instance_ids)]
         for role, inst in nodes:

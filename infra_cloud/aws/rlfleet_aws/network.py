@@ -49,14 +49,14 @@ class Network(pulumi.ComponentResource):
             subnet_id: pulumi.Input[str] = s.existing_subnet or ""
         else:
             vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=s.network_cidr, enable_dns_hostnames=True,
-                              enable_dns_support=True, tags=tags(s.stack, "vpc"), opts=child)
-            igw = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags(s.stack, "igw"), opts=child)
+                              enable_dns_support=True, tags=tags(s, "vpc"), opts=child)
+            igw = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags(s, "igw"), opts=child)
             subnet = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=s.subnet_cidr,
                                     availability_zone=s.zone or None, map_public_ip_on_launch=False,
-                                    tags=tags(s.stack, "subnet"), opts=child)
+                                    tags=tags(s, "subnet"), opts=child)
             rt = aws.ec2.RouteTable(f"{name}-rt", vpc_id=vpc.id,
                                     routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": igw.id}],
-                                    tags=tags(s.stack, "rt"), opts=child)
+                                    tags=tags(s, "rt"), opts=child)
             aws.ec2.RouteTableAssociation(f"{name}-rta", subnet_id=subnet.id, route_table_id=rt.id, opts=child)
             vpc_id, subnet_id = vpc.id, subnet.id
         sg = aws.ec2.SecurityGroup(
@@ -66,7 +66,7 @@ class Network(pulumi.ComponentResource):
             ingress=ingress_rules(s),
             egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"],
                      "description": "package installs, AWS APIs"}],
-            tags=tags(s.stack, "sg"),
+            tags=tags(s, "sg"),
             opts=child,
         )
         self.vpc_id = pulumi.Output.from_input(vpc_id)

@@ -71,11 +71,11 @@ class ClusterStorage(pulumi.ComponentResource):
         keep = pulumi.ResourceOptions(parent=self, retain_on_delete=True)
         key = aws.kms.Key(f"{name}-key", description=f"rlfleet {s.stack}: artifacts, disks, secret, logs",
                           enable_key_rotation=True, deletion_window_in_days=30,
-                          policy=key_policy(args.account_id, args.region), tags=tags(s.stack, "key"), opts=keep)
+                          policy=key_policy(args.account_id, args.region), tags=tags(s, "key"), opts=keep)
         aws.kms.Alias(f"{name}-key-alias", name=f"alias/rlfleet-{s.stack}", target_key_id=key.key_id, opts=child)
 
         bucket = aws.s3.Bucket(f"{name}-artifacts", bucket_prefix=f"rlfleet-{s.stack}-"[:37],
-                               force_destroy=False, tags=tags(s.stack, "artifacts"), opts=keep)
+                               force_destroy=False, tags=tags(s, "artifacts"), opts=keep)
         aws.s3.BucketPublicAccessBlock(f"{name}-artifacts-pab", bucket=bucket.id, block_public_acls=True,
                                        block_public_policy=True, ignore_public_acls=True,
                                        restrict_public_buckets=True, opts=child)
@@ -105,7 +105,7 @@ class ClusterStorage(pulumi.ComponentResource):
         secret = aws.secretsmanager.Secret(f"{name}-ray-token", name_prefix=f"rlfleet-{s.stack}-ray-token-",
                                            description=f"rlfleet {s.stack}: Ray cluster auth token",
                                            kms_key_id=key.arn, recovery_window_in_days=7,
-                                           tags=tags(s.stack, "ray-token"), opts=child)
+                                           tags=tags(s, "ray-token"), opts=child)
         aws.secretsmanager.SecretVersion(f"{name}-ray-token-v", secret_id=secret.id,
                                          secret_string=token.result, opts=child)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 from rlfleet_cloud.kit import checkout_kit
-from rlfleet_cloud.settings import ClusterSettings
+from rlfleet_cloud.settings import ClusterSettings, with_stack_id
 
 from rlfleet import stack_outputs as out
 from rlfleet.kit import Kit, KitError
@@ -30,6 +30,8 @@ class RayGpuCluster(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         proj = gcp.organizations.get_project()
         project, number = proj.project_id, proj.number
+        s = with_stack_id(s, account=project, region=region, organization=pulumi.get_organization(),
+                          project=pulumi.get_project())
         zone = s.zone or gcp.compute.get_zones(region=region).names[0]
         image = gcp.compute.get_image(family=s.image_family, project=s.image_owner).self_link
         gcs_agent = gcp.storage.get_project_service_account().member
@@ -50,7 +52,8 @@ class RayGpuCluster(pulumi.ComponentResource):
         head = RayHead(f"{name}-head", node, opts=child)
         pool = GpuNodePool(f"{name}-workers", PoolArgs(node=node, head_private_ip=head.private_ip), opts=child)
         mon = ClusterMonitoring(f"{name}-mon", MonitoringArgs(settings=s, region=region, project=project,
-                                                              project_number=number, bucket_name=store.bucket_name),
+                                                              project_number=number, bucket_name=store.bucket_name,
+                                                              zone=zone),
                                 opts=child)
         self.outputs = {
             out.OUTPUT_RAY_ADDRESS: pulumi.Output.concat("https://", head.public_ip, ":", str(s.api_port)),
@@ -62,6 +65,6 @@ class RayGpuCluster(pulumi.ComponentResource):
             out.OUTPUT_REGION: pulumi.Output.from_input(region),
             out.OUTPUT_HEAD_INSTANCE: head.name,
             out.OUTPUT_WORKER_INSTANCES: pool.names,
-            out.OUTPUT_STACK_TAG: pulumi.Output.from_input(s.stack),
+            out.OUTPUT_STACK_TAG: pulumi.Output.from_input(s.stack_id),
         }
         self.register_outputs(self.outputs)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+from rlfleet_cloud.settings import ClusterSettings, require_stack_id
+
 from rlfleet.stack_outputs import GCP_LABEL_MANAGED, GCP_LABEL_STACK
 
 PROJECT = "rlfleet-gcp"
 
 
-def labels(stack: str, role: str = "") -> dict[str, str]:
-    """Labels for every labelable resource (GCP label keys cannot contain ':')."""
-    out = {GCP_LABEL_STACK: stack, GCP_LABEL_MANAGED: "true"}
+def labels(s: ClusterSettings, role: str = "") -> dict[str, str]:
+    """Labels for every labelable resource (GCP label keys cannot contain ':'); the stack id."""
+    out = {GCP_LABEL_STACK: require_stack_id(s), GCP_LABEL_MANAGED: "true"}
     if role:
         out["rlfleet-role"] = role
     return out
+
+
+def stack_marker(s: ClusterSettings) -> str:
+    """Service accounts carry no labels: teardown's scan matches this text in their description."""
+    return f"{GCP_LABEL_STACK}={require_stack_id(s)} {GCP_LABEL_MANAGED}=true"
+
+
+def vm_name(s: ClusterSettings, role: str) -> str:
+    """A cluster VM's name: role is "head" or "worker-<i>"."""
+    return f"rlfleet-{s.stack}-{role}"
+
+
+def vm_roles(s: ClusterSettings) -> list[str]:
+    return ["head"] + [f"worker-{i}" for i in range(s.worker_count)]
 
 
 def net_tag(stack: str) -> str:

@@ -11,7 +11,7 @@ from rlfleet_cloud.bootstrap import NodeParams, render_bootstrap
 from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import ClusterSettings
 
-from .common import labels, net_tag
+from .common import labels, net_tag, vm_name
 
 BASE_METADATA = {"enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE", "serial-port-enable": "FALSE"}
 
@@ -56,12 +56,12 @@ def _vm(name: str, a: NodeArgs, *, role: str, machine_type: str, startup: pulumi
         metadata["install-nvidia-driver"] = "True"  # Deep Learning VM images install the driver
     return gcp.compute.Instance(
         name,
-        name=f"rlfleet-{s.stack}-{role}",
+        name=vm_name(s, role),
         zone=a.zone,
         machine_type=machine_type,
         boot_disk={"auto_delete": True, "kms_key_self_link": a.key_id,
                    "initialize_params": {"image": a.image, "size": s.disk_size_gb, "type": "pd-balanced",
-                                         "labels": labels(s.stack, role.split("-")[0])}},
+                                         "labels": labels(s, role.split("-")[0])}},
         network_interfaces=[nic],
         service_account={"email": a.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]},
         shielded_instance_config={"enable_secure_boot": s.secure_boot, "enable_vtpm": True,
@@ -70,7 +70,7 @@ def _vm(name: str, a: NodeArgs, *, role: str, machine_type: str, startup: pulumi
         scheduling=_scheduling(s, spot=spot),
         metadata=metadata,
         tags=[net_tag(s.stack)],
-        labels=labels(s.stack, role.split("-")[0]),
+        labels=labels(s, role.split("-")[0]),
         allow_stopping_for_update=True,
         opts=pulumi.ResourceOptions(parent=parent, ignore_changes=["bootDisk.initializeParams.image"]),
     )
@@ -86,10 +86,10 @@ class RayHead(pulumi.ComponentResource):
         s = args.settings
         child = pulumi.ResourceOptions(parent=self)
         ext = gcp.compute.Address(f"{name}-ip", name=f"rlfleet-{s.stack}-head", region=args.region,
-                                  address_type="EXTERNAL", labels=labels(s.stack, "head"), opts=child)
+                                  address_type="EXTERNAL", labels=labels(s, "head"), opts=child)
         internal = gcp.compute.Address(f"{name}-internal-ip", name=f"rlfleet-{s.stack}-head-internal",
                                        region=args.region, address_type="INTERNAL", subnetwork=args.subnetwork,
-                                       labels=labels(s.stack, "head"), opts=child)
+                                       labels=labels(s, "head"), opts=child)
         startup = pulumi.Output.all(ext.address, args.secret_id, args.ca_cert_uri, args.artifact_root,
                                     args.kit).apply(
             lambda v: render_bootstrap(s, NodeParams(role="head", region=args.region, project=args.project,

@@ -12,7 +12,7 @@ from rlfleet_cloud.settings import ClusterSettings
 from rlfleet.kit import KIT_OBJECT_PREFIX
 from rlfleet.stack_outputs import ARTIFACT_PREFIX
 
-from .common import labels, net_tag
+from .common import labels, net_tag, stack_marker
 
 KMS_ROLE = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
 # Project-level roles the node service account gets (these two cannot be scoped lower).
@@ -72,6 +72,10 @@ class Network(pulumi.ComponentResource):
         self.register_outputs({"network": self.network, "subnetwork": self.subnetwork})
 
 
+def soft_delete_seconds(s: ClusterSettings) -> int:
+    return min(90, max(7, s.checkpoint_noncurrent_days)) * 86400
+
+
 @dataclass
 class StorageArgs:
     settings: ClusterSettings
@@ -93,13 +97,18 @@ class ClusterStorage(pulumi.ComponentResource):
         super().__init__("rlfleet:gcp:ClusterStorage", name, None, opts)
         s = args.settings
         child = pulumi.ResourceOptions(parent=self)
-        ring = gcp.kms.KeyRing(f"{name}-ring", name=f"rlfleet-{s.stack}", location=args.region, opts=child)
+        # Data outlives the stack, and so does what reading it needs: `pulumi destroy` leaves the
+        # bucket, its key (destroying a CryptoKey destroys its versions: every object would become
+        # unreadable) and the key's grants to the GCS agent. `rlfleet down --delete-data` removes
+        # data and key versions together (see docs/runbook-gcp.md).
+        keep = pulumi.ResourceOptions(parent=self, retain_on_delete=True)
+        ring = gcp.kms.KeyRing(f"{name}-ring", name=f"rlfleet-{s.stack}", location=args.region, opts=keep)
         key = gcp.kms.CryptoKey(f"{name}-key", name=f"rlfleet-{s.stack}", key_ring=ring.id,
-                                rotation_period="7776000s", labels=labels(s.stack), opts=child)
+                                rotation_period="7776000s", labels=labels(s), opts=keep)
         compute_agent = f"serviceAccount:service-{args.project_number}@compute-system.iam.gserviceaccount.com"
         grants = [
             gcp.kms.CryptoKeyIAMMember(f"{name}-key-{who}", crypto_key_id=key.id, role=KMS_ROLE, member=member,
-                                       opts=child)
+                                       opts=keep)
             for who, member in (("gcs", args.gcs_agent_member), ("compute", compute_agent))
         ]
         bucket_name = f"rlfleet-{s.stack}-{args.project}"[:63]
@@ -114,12 +123,15 @@ class ClusterStorage(pulumi.ComponentResource):
                  "condition": {"age": s.checkpoint_archive_days, "matches_prefixes": [f"{ARTIFACT_PREFIX}/runs/"]}},
                 {"action": {"type": "AbortIncompleteMultipartUpload"}, "condition": {"age": 7}},
             ],
-            labels=labels(s.stack),
-            # data outlives the stack: `pulumi destroy` leaves the bucket (see docs/runbook-gcp.md)
+            # Nodes need storage.objects.delete (overwrites and old checkpoints), which IAM cannot
+            # limit to live generations: a deleted noncurrent version stays restorable (soft delete)
+            # for as long as the lifecycle would have kept it (GCS allows 7..90 days).
+            soft_delete_policy={"retention_duration_seconds": soft_delete_seconds(s)},
+            labels=labels(s),
             opts=pulumi.ResourceOptions(parent=self, depends_on=grants, retain_on_delete=True))
         token = random.RandomPassword(f"{name}-ray-token", length=48, special=False, opts=child)
         secret = gcp.secretmanager.Secret(f"{name}-ray-token", secret_id=f"rlfleet-{s.stack}-ray-token",
-                                          replication={"auto": {}}, labels=labels(s.stack), opts=child)
+                                          replication={"auto": {}}, labels=labels(s), opts=child)
         gcp.secretmanager.SecretVersion(f"{name}-ray-token-v", secret=secret.id, secret_data=token.result, opts=child)
         self.key_id = key.id
         self.bucket_name = bucket.name
@@ -148,7 +160,7 @@ class NodeIdentity(pulumi.ComponentResource):
         sa = gcp.serviceaccount.Account(f"{name}-sa", account_id=f"rlfleet-{s.stack}-node"[:30],
                                         display_name=f"rlfleet {s.stack} Ray nodes",
                                         # service accounts carry no labels: teardown's scan matches this marker
-                                        description=f"rlfleet-stack={s.stack} rlfleet-managed=true",
+                                        description=stack_marker(s),
                                         opts=child)
         member = pulumi.Output.concat("serviceAccount:", sa.email)
         # Objects of its bucket: read/write, except the kit the nodes install, which they may only

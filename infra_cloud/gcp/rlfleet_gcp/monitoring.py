@@ -13,7 +13,7 @@ from rlfleet_cloud.settings import ClusterSettings
 
 from rlfleet.stack_outputs import GCP_LABEL_STACK, METRIC_EPISODE_RETURN, METRIC_STEPS_PER_SECOND
 
-from .common import labels
+from .common import labels, stack_marker, vm_name, vm_roles
 
 STOPPER_DIR = Path(__file__).parent / "stopper"
 
@@ -21,15 +21,22 @@ STOPPER_DIR = Path(__file__).parent / "stopper"
 USED = ' AND metric.label.state = "used"'
 
 
-def _vm_filter(stack: str, metric: str, role: str | None = None) -> str:
+def _vm_filter(stack_id: str, metric: str, role: str | None = None) -> str:
     f = (f'resource.type = "gce_instance" AND metric.type = "{metric}" '
-         f'AND metadata.user_labels."{GCP_LABEL_STACK}" = "{stack}"')
+         f'AND metadata.user_labels."{GCP_LABEL_STACK}" = "{stack_id}"')
     if role:
         f += f' AND metadata.user_labels."rlfleet-role" = "{role}"'
     return f
 
 
-def dashboard_json(stack: str) -> str:
+def stopper_condition(s: ClusterSettings, project: str, zone: str) -> str:
+    """IAM condition: exactly this stack's VMs by full resource name (not a name prefix, which
+    would also match the VMs of a stack named e.g. `<stack>-2`)."""
+    return " || ".join(f'resource.name == "projects/{project}/zones/{zone}/instances/{vm_name(s, role)}"'
+                       for role in vm_roles(s))
+
+
+def dashboard_json(stack: str, stack_id: str) -> str:
     def chart(title: str, filt: str, reducer: str = "REDUCE_NONE") -> dict:
         return {"title": title, "xyChart": {"dataSets": [{"timeSeriesQuery": {"timeSeriesFilter": {
             "filter": filt, "aggregation": {"alignmentPeriod": "60s", "perSeriesAligner": "ALIGN_MEAN",
@@ -39,10 +46,10 @@ def dashboard_json(stack: str) -> str:
     tiles = [
         chart("Episode return", prom.format(METRIC_EPISODE_RETURN)),
         chart("Env steps / s", prom.format(METRIC_STEPS_PER_SECOND)),
-        chart("GPU utilization %", _vm_filter(stack, "agent.googleapis.com/gpu/utilization")),
-        chart("GPU memory used", _vm_filter(stack, "agent.googleapis.com/gpu/memory/bytes_used")),
-        chart("Node health (uptime)", _vm_filter(stack, "compute.googleapis.com/instance/uptime")),
-        chart("Disk used %", _vm_filter(stack, "agent.googleapis.com/disk/percent_used") + USED),
+        chart("GPU utilization %", _vm_filter(stack_id, "agent.googleapis.com/gpu/utilization")),
+        chart("GPU memory used", _vm_filter(stack_id, "agent.googleapis.com/gpu/memory/bytes_used")),
+        chart("Node health (uptime)", _vm_filter(stack_id, "compute.googleapis.com/instance/uptime")),
+        chart("Disk used %", _vm_filter(stack_id, "agent.googleapis.com/disk/percent_used") + USED),
     ]
     return json.dumps({"displayName": f"rlfleet {stack}",
                        "gridLayout": {"columns": "2", "widgets": tiles}})
@@ -55,6 +62,7 @@ class MonitoringArgs:
     project: str
     project_number: str
     bucket_name: pulumi.Input[str]
+    zone: str
 
 
 class ClusterMonitoring(pulumi.ComponentResource):
@@ -65,24 +73,24 @@ class ClusterMonitoring(pulumi.ComponentResource):
         s = args.settings
         child = pulumi.ResourceOptions(parent=self)
         # idle alert -> Pub/Sub -> stop function (the cloud stops the VM, not the VM itself)
-        topic = gcp.pubsub.Topic(f"{name}-idle", name=f"rlfleet-{s.stack}-idle", labels=labels(s.stack), opts=child)
+        topic = gcp.pubsub.Topic(f"{name}-idle", name=f"rlfleet-{s.stack}-idle", labels=labels(s), opts=child)
         gcp.pubsub.TopicIAMMember(
             f"{name}-idle-publisher", topic=topic.id, role="roles/pubsub.publisher",
             member=f"serviceAccount:service-{args.project_number}@gcp-sa-monitoring-notification.iam.gserviceaccount.com",
             opts=child)
         idle_channel = gcp.monitoring.NotificationChannel(
             f"{name}-idle-channel", display_name=f"rlfleet {s.stack} idle stop", type="pubsub",
-            labels={"topic": topic.id}, user_labels=labels(s.stack), opts=child)
+            labels={"topic": topic.id}, user_labels=labels(s), opts=child)
         channels: list[pulumi.Input[str]] = []
         if s.alert_email:
             email = gcp.monitoring.NotificationChannel(
                 f"{name}-email", display_name=f"rlfleet {s.stack} alerts", type="email",
-                labels={"email_address": s.alert_email}, user_labels=labels(s.stack), opts=child)
+                labels={"email_address": s.alert_email}, user_labels=labels(s), opts=child)
             channels.append(email.id)
 
         stopper_sa = gcp.serviceaccount.Account(f"{name}-stopper-sa", account_id=f"rlfleet-{s.stack}-stop"[:30],
                                                 display_name=f"rlfleet {s.stack} idle stopper",
-                                                description=f"rlfleet-stack={s.stack} rlfleet-managed=true",
+                                                description=stack_marker(s),
                                                 opts=child)
         stop_role = gcp.projects.IAMCustomRole(
             f"{name}-stop-role", role_id=f"rlfleet_{s.stack.replace('-', '_')}_stop", project=args.project,
@@ -91,9 +99,8 @@ class ClusterMonitoring(pulumi.ComponentResource):
         gcp.projects.IAMMember(
             f"{name}-stop-binding", project=args.project, role=stop_role.name,
             member=pulumi.Output.concat("serviceAccount:", stopper_sa.email),
-            condition={"title": "own stack only", "expression":
-                       f'resource.name.startsWith("projects/{args.project}/zones/") && '
-                       f'resource.name.extract("/instances/{{name}}").startsWith("rlfleet-{s.stack}-")'},
+            condition={"title": "own stack only", "description": "exactly this stack's VMs",
+                       "expression": stopper_condition(s, args.project, args.zone)},
             opts=child)
         source = gcp.storage.BucketObject(
             f"{name}-stopper-src", bucket=args.bucket_name, name=f"rlfleet/system/stopper-{s.stack}.zip",
@@ -106,22 +113,22 @@ class ClusterMonitoring(pulumi.ComponentResource):
                           "source": {"storage_source": {"bucket": args.bucket_name, "object": source.name}}},
             service_config={"max_instance_count": 1, "available_memory": "256M",
                             "service_account_email": stopper_sa.email, "ingress_settings": "ALLOW_INTERNAL_ONLY",
-                            "environment_variables": {"RLFLEET_STACK": s.stack}},
+                            "environment_variables": {"RLFLEET_STACK": s.stack_id}},
             event_trigger={"trigger_region": args.region,
                            "event_type": "google.cloud.pubsub.topic.v1.messagePublished",
                            "pubsub_topic": topic.id, "retry_policy": "RETRY_POLICY_DO_NOT_RETRY",
                            "service_account_email": stopper_sa.email},
-            labels=labels(s.stack), opts=child)
+            labels=labels(s), opts=child)
 
         def policy(suffix: str, title: str, condition: dict, notify: list) -> None:
             gcp.monitoring.AlertPolicy(f"{name}-{suffix}", display_name=f"rlfleet {s.stack}: {title}", combiner="OR",
                                        conditions=[{"display_name": title, **condition}],
-                                       notification_channels=notify, user_labels=labels(s.stack),
+                                       notification_channels=notify, user_labels=labels(s),
                                        alert_strategy={"auto_close": "1800s"}, opts=child)
 
         def below(metric: str, threshold: float, minutes: int, role: str) -> dict:
             return {"condition_threshold": {
-                "filter": _vm_filter(s.stack, metric, role), "comparison": "COMPARISON_LT",
+                "filter": _vm_filter(s.stack_id, metric, role), "comparison": "COMPARISON_LT",
                 "threshold_value": threshold, "duration": f"{minutes * 60}s",
                 "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_MAX"}]}}
 
@@ -131,14 +138,15 @@ class ClusterMonitoring(pulumi.ComponentResource):
                below("compute.googleapis.com/instance/cpu/utilization", 0.05, 2 * s.idle_minutes, "head"),
                [idle_channel.id])
         policy("unhealthy", "instance unhealthy (no uptime for 10 min)", {"condition_absent": {
-            "filter": _vm_filter(s.stack, "compute.googleapis.com/instance/uptime"), "duration": "600s",
+            "filter": _vm_filter(s.stack_id, "compute.googleapis.com/instance/uptime"), "duration": "600s",
             "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_RATE"}]}}, channels)
         policy("disk-full", f"root disk over {s.disk_alarm_percent}%", {"condition_threshold": {
-            "filter": _vm_filter(s.stack, "agent.googleapis.com/disk/percent_used") + USED,
+            "filter": _vm_filter(s.stack_id, "agent.googleapis.com/disk/percent_used") + USED,
             "comparison": "COMPARISON_GT", "threshold_value": s.disk_alarm_percent, "duration": "300s",
             "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_MAX"}]}}, channels)
 
-        dash = gcp.monitoring.Dashboard(f"{name}-dashboard", dashboard_json=dashboard_json(s.stack), opts=child)
+        dash = gcp.monitoring.Dashboard(f"{name}-dashboard", dashboard_json=dashboard_json(s.stack, s.stack_id),
+                                        opts=child)
         self.dashboard_url = dash.id.apply(
             lambda i: f"https://console.cloud.google.com/monitoring/dashboards/custom/{i.rsplit('/', 1)[-1]}"
             f"?project={args.project}")

@@ -7,13 +7,14 @@ None`` (a ``pulumi.Config.get`` in the programs, a dict's ``get`` in tests) and 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from rlfleet.stack_outputs import PORT_API_DEFAULT, PORT_SSH
+from rlfleet.stack_outputs import PORT_API_DEFAULT, PORT_SSH, make_stack_id
 
 
 class StackConfigError(ValueError):
@@ -149,11 +150,30 @@ class ClusterSettings:
     secure_boot: bool
     alert_email: str
     zone: str = ""  # aws: availability zone; gcp: zone ("" = first zone of the region)
+    # Value of the rlfleet:stack tag / rlfleet-stack label (rlfleet.stack_outputs.make_stack_id).
+    # Set by the program once it knows account/project and region (see with_stack_id).
+    stack_id: str = ""
 
     @property
     def control_ports(self) -> tuple[int, ...]:
         """Ports reachable from the admin CIDRs (SSH and the TLS API endpoint)."""
         return (PORT_SSH, self.api_port)
+
+
+def with_stack_id(s: ClusterSettings, *, account: str, region: str, organization: str,
+                  project: str) -> ClusterSettings:
+    """These settings plus the stack id that tags every resource (deterministic: see make_stack_id)."""
+    sid = make_stack_id(cloud=s.cloud, account=account, region=region, organization=organization,
+                        project=project, stack=s.stack)
+    return dataclasses.replace(s, stack_id=sid)
+
+
+def require_stack_id(s: object) -> str:
+    """The stack id for tags/labels; a bare stack name is refused (teardown could not scope it)."""
+    if not isinstance(s, ClusterSettings) or not s.stack_id:
+        raise TypeError("tags/labels take the ClusterSettings after with_stack_id (the stack id is the tag "
+                        f"value), not {s!r}")
+    return s.stack_id
 
 
 def _int(key: str, raw: str, lo: int, hi: int) -> int:
