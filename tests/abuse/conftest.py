@@ -21,10 +21,11 @@ if str(ROOT / "infra_cloud" / "shared") not in sys.path:
 
 
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound then released)."""
+    """A loopback port nothing listens on: 9 (discard) is privileged and never served here; checked."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.settimeout(1)
+        assert s.connect_ex(("127.0.0.1", 9)) != 0, "something listens on 127.0.0.1:9"
+    return 9
 
 
 @dataclass
