@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -31,13 +32,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import cast
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 MAX_CONNS = 1024
 IDLE_TIMEOUT_S = 300.0
 FIRST_BYTE_TIMEOUT_S = 10.0
-_CHUNK = 65536
 _BACKLOG = 1024
 
 
@@ -59,20 +60,126 @@ def enter_netns(pid: int) -> None:
     _setns(f"/proc/{pid}/ns/net", CLONE_NEWNET)
 
 
-class _Conn:
-    __slots__ = ("client", "last", "started", "upstream")
+def _quietly(fn: Callable[[], object]) -> None:
+    """A transport call that may race with the transport closing (asyncio and uvloop differ)."""
+    with contextlib.suppress(Exception):
+        fn()
 
-    def __init__(self, client: asyncio.StreamWriter) -> None:
-        self.client = client
-        self.upstream: asyncio.StreamWriter | None = None
-        self.started = False  # the client has sent bytes
+
+class _Conn:
+    """One client connection and, once the client has sent bytes, its upstream connection."""
+
+    __slots__ = ("client", "client_eof", "closed", "fwd", "last", "pending", "port", "started", "upstream")
+
+    def __init__(self, fwd: Forwarder, client: asyncio.Transport, port: int) -> None:
+        self.fwd, self.client, self.port = fwd, client, port
+        self.upstream: asyncio.Transport | None = None
+        self.pending: list[bytes] = []  # client bytes that arrived before the upstream connection
+        self.started = self.client_eof = self.closed = False
         self.last = time.monotonic()
 
-    def close(self) -> None:
-        for w in (self.client, self.upstream):
-            if w is not None:
-                with contextlib.suppress(Exception):
-                    w.transport.abort()
+    def abort(self) -> None:
+        """Drop both sides now (timeout, eviction, upstream unreachable)."""
+        self.fwd.conns.pop(self, None)
+        self.closed = True
+        for t in (self.client, self.upstream):
+            if t is not None:
+                _quietly(t.abort)
+
+    def to_upstream(self, data: bytes) -> None:
+        self.last = time.monotonic()
+        if self.upstream is not None:
+            if not self.upstream.is_closing():
+                self.upstream.write(data)
+            return
+        self.pending.append(data)
+        if not self.started:  # first bytes: only now is Ray (or the deploy server) involved
+            self.started = True
+            _quietly(self.client.pause_reading)
+            asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            up, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _UpstreamSide(self), "127.0.0.1", self.port), 10
+            )
+        except (OSError, asyncio.TimeoutError):
+            self.abort()
+            return
+        if self.closed:
+            up.abort()
+            return
+        self.upstream = up
+        up.write(b"".join(self.pending))
+        self.pending.clear()
+        if self.client_eof:
+            _quietly(up.write_eof)
+        else:
+            _quietly(self.client.resume_reading)
+
+
+class _ClientSide(asyncio.Protocol):
+    def __init__(self, fwd: Forwarder, port: int) -> None:
+        self.fwd, self.port = fwd, port
+        self.conn: _Conn | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn = _Conn(self.fwd, cast(asyncio.Transport, transport), self.port)  # uvloop's is no subclass
+        self.fwd.admit(self.conn)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.to_upstream(data)
+
+    def eof_received(self) -> bool:
+        c = self.conn
+        if c is None or not c.started:
+            return False  # closed before sending anything
+        c.client_eof = True
+        if c.upstream is not None:
+            _quietly(c.upstream.write_eof)
+        return True  # half-close: the response may still come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        c = self.conn
+        if c is not None:
+            self.fwd.conns.pop(c, None)
+            c.closed = True
+            if c.upstream is not None:
+                _quietly(c.upstream.close)
+
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading upstream
+        if self.conn is not None and self.conn.upstream is not None:
+            _quietly(self.conn.upstream.pause_reading)
+
+    def resume_writing(self) -> None:
+        if self.conn is not None and self.conn.upstream is not None:
+            _quietly(self.conn.upstream.resume_reading)
+
+
+class _UpstreamSide(asyncio.Protocol):
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        c = self.conn
+        c.last = time.monotonic()
+        if not c.client.is_closing():
+            c.client.write(data)
+
+    def eof_received(self) -> bool:
+        _quietly(self.conn.client.write_eof)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _quietly(self.conn.client.close)  # graceful: what is buffered for the client still goes out
+
+    def pause_writing(self) -> None:  # upstream reads slowly: stop reading the client
+        _quietly(self.conn.client.pause_reading)
+
+    def resume_writing(self) -> None:
+        _quietly(self.conn.client.resume_reading)
 
 
 class Forwarder:
@@ -83,46 +190,14 @@ class Forwarder:
         self.conns: dict[_Conn, None] = {}  # insertion order: oldest first
         self.evicted = self.timed_out = 0
 
-    def _admit(self, conn: _Conn) -> None:
+    def admit(self, conn: _Conn) -> None:
         while len(self.conns) >= self.max_conns:
             victim = next((c for c in self.conns if not c.started), None)
             if victim is None:
                 victim = min(self.conns, key=lambda c: c.last)
-            self.conns.pop(victim, None)
-            victim.close()
+            victim.abort()
             self.evicted += 1
         self.conns[conn] = None
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
-        conn = _Conn(writer)
-        self._admit(conn)
-        try:
-            first = await reader.read(_CHUNK)
-            if not first:
-                return
-            conn.started, conn.last = True, time.monotonic()
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-            conn.upstream = up_writer  # asyncio and uvloop set TCP_NODELAY on TCP transports themselves
-            up_writer.write(first)
-            await asyncio.gather(self._pump(reader, up_writer, conn), self._pump(up_reader, writer, conn))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.conns.pop(conn, None)
-            conn.close()
-
-    @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, conn: _Conn) -> None:
-        try:
-            while data := await src.read(_CHUNK):
-                conn.last = time.monotonic()
-                dst.write(data)
-                await dst.drain()
-                conn.last = time.monotonic()
-            if dst.can_write_eof():
-                dst.write_eof()
-        except OSError:
-            conn.close()
 
     async def sweep(self, holder: int) -> None:
         """Close timed-out connections; stop when the namespace holder is gone."""
@@ -135,8 +210,7 @@ class Forwarder:
             for c in list(self.conns):
                 limit = self.idle_timeout if c.started else self.first_byte_timeout
                 if now - c.last > limit:
-                    self.conns.pop(c, None)
-                    c.close()
+                    c.abort()
                     self.timed_out += 1
             if self.evicted != reported:
                 print(f"forwarder: {self.evicted} connections evicted so far (limit {self.max_conns})", flush=True)
@@ -171,13 +245,10 @@ def _raise_fd_limit(max_conns: int) -> None:
 
 
 async def _serve(pid: int, listeners: list[tuple[socket.socket, int]], fwd: Forwarder) -> None:
+    loop = asyncio.get_running_loop()
     servers = []
     for s, port in listeners:
-
-        async def cb(r: asyncio.StreamReader, w: asyncio.StreamWriter, port: int = port) -> None:
-            await fwd.handle(r, w, port)
-
-        servers.append(await asyncio.start_server(cb, sock=s, limit=_CHUNK, backlog=_BACKLOG))
+        servers.append(await loop.create_server(functools.partial(_ClientSide, fwd, port), sock=s, backlog=_BACKLOG))
     print(f"forwarding 127.0.0.1:{[p for _, p in listeners]} into netns of pid {pid}", flush=True)
     await fwd.sweep(pid)  # exit with the namespace holder: the cluster is gone then
 
