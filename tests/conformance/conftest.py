@@ -32,7 +32,9 @@ from .targets import ConformanceTarget, LocalConformance, OnpremConformance
 
 TARGETS = [
     pytest.param("local", id="local"),
-    pytest.param("onprem", id="onprem", marks=[pytest.mark.onprem, pytest.mark.slow]),
+    # the first onprem scenario also boots and converges the session's host: 3-6 min here, over
+    # 15 min when several test sessions share the machine, so more than the default 900 s
+    pytest.param("onprem", id="onprem", marks=[pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400)]),
     # next: pytest.param("aws-node", ...), pytest.param("gcp-node", ...) with their fixtures below
 ]
 
