@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from .harness import COUNTS, SURFACES, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "infra_cloud" / "shared") not in sys.path:
     sys.path.insert(0, str(ROOT / "infra_cloud" / "shared"))
+
+# hypothesis keeps caches in ./.hypothesis; keep them out of the checkout (and gone after the run)
+_HYPOTHESIS_HOME = Path(tempfile.mkdtemp(prefix="rlfleet-abuse-hypothesis-"))
+set_hypothesis_home_dir(str(_HYPOTHESIS_HOME))
+
+
+def pytest_unconfigure() -> None:
+    shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
 
 
 def closed_port() -> int:
@@ -95,9 +106,9 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         mp.undo()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _user_state_untouched() -> Iterator[None]:
-    """The user's own ~/.rlfleet and ~/.config/rlfleet are never touched by the suite."""
+    """The user's own ~/.rlfleet and ~/.config/rlfleet are never touched by an abuse module."""
     roots = (Path("~/.rlfleet").expanduser(), Path("~/.config/rlfleet").expanduser())
     before = snapshot(*roots)
     yield
