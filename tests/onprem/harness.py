@@ -224,7 +224,7 @@ class PlayResult:
         return out
 
 
-def playbook(site: Site, workdir: Path, playbook: str, *extra: str, timeout: float = 900) -> PlayResult:
+def playbook(site: Site, workdir: Path, playbook: str, *extra: str, timeout: float = 1800) -> PlayResult:
     log = workdir / f"{Path(playbook).stem}-{time.strftime('%H%M%S')}.log"
     t0 = time.monotonic()
     with log.open("w") as f:  # streamed, so a long converge can be followed with tail -f
