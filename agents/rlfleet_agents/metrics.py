@@ -1,12 +1,17 @@
-"""Metrics out of a run: ``metrics.jsonl`` in the run's artifact dir, and Prometheus metrics
-through ``ray.util.metrics`` when the run executes under Ray (``RAY_ADDRESS`` set).
+"""Metrics out of a run: rows in the run's artifact dir, and Prometheus metrics through
+``ray.util.metrics`` when the run executes under Ray (``RAY_ADDRESS`` set).
 
-file:// roots: rows are appended as they come. s3:// and gs:// have no append: the whole file
-is rewritten at most every ``rewrite_every_s`` seconds and on close.
+Rows never wait for the store: :meth:`MetricsWriter.write` only appends to memory. A background
+thread appends the new rows every ``flush_every_s`` as an immutable segment
+``metrics/<first>-<last>.jsonl`` (every store, file:// included: no object is ever rewritten),
+merges every ``fanout`` segments of one size into one larger segment (so a long run keeps a few
+dozen objects, not thousands), and retries with backoff while the store fails, keeping the rows
+in memory. ``close()`` writes every row to ``metrics.jsonl`` and then drops the segments; the
+run's manifest comes after it. A store error in metrics is never fatal to the run.
 
 Connecting the job process to its cluster (``ray.init(address="auto")``) takes seconds, so it
 happens in a background thread and never delays training; rows recorded before it is ready
-still reach metrics.jsonl, and the latest values are exported once it is.
+still reach the store, and the latest values are exported once it is.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
 
-from rlfleet.artifacts import RunArtifacts, _is_local
+from rlfleet.artifacts import METRICS, METRICS_DIR, RunArtifacts, _is_local, metrics_segment
 
 METRIC_NAMES = (
     "rlfleet_episode_return", "rlfleet_episode_length", "rlfleet_env_steps_total",
@@ -110,47 +116,128 @@ class RayMetrics:
 
 
 class MetricsWriter:
-    """Streams rows to metrics.jsonl and Ray metrics."""
+    """Streams rows to the run's metrics (segments, then metrics.jsonl) and to Ray metrics.
 
-    def __init__(self, arts: RunArtifacts, labels: dict[str, str], *, rewrite_every_s: float = 5.0) -> None:
+    ``flush_every_s``: how often the background thread appends a segment (default 2 s on
+    file://, 5 s on object stores); ``max_backoff_s``: the longest wait between attempts while the
+    store fails; ``close_timeout_s``: how long ``close()`` waits for the last segment write before
+    the consolidated ``metrics.jsonl`` (which gets the store's own retry budget).
+    """
+
+    def __init__(self, arts: RunArtifacts, labels: dict[str, str], *, flush_every_s: float | None = None,
+                 max_backoff_s: float = 30.0, fanout: int = 8, close_timeout_s: float = 600.0) -> None:
         self.arts = arts
         self.rows: list[str] = []
-        self.rewrite_every_s = rewrite_every_s
-        self._last_write = 0.0
-        self._dirty = False
+        self.flush_every_s = flush_every_s if flush_every_s is not None else (
+            2.0 if _is_local(arts.store.fs) else 5.0)
+        self.max_backoff_s = max_backoff_s
+        self.fanout = fanout
+        self.close_timeout_s = close_timeout_s
+        self.flushed = 0  # rows already in a segment
+        self.failures = 0  # failed store writes so far (segments, merges, deletions)
+        self.last_error: str | None = None
+        self._segments: list[tuple[int, int, int]] = []  # (first, last, level) of the live segments
+        self._garbage: list[str] = []  # merged-away segments whose deletion failed
+        self._lock = threading.Lock()  # one store writer at a time (the thread, or close())
+        self._stop = threading.Event()
+        self._closed = False
         self._last_step = 0
-        self._local_path: str | None = None
-        if _is_local(arts.store.fs):
-            self._local_path = arts._p("metrics.jsonl")
-            os.makedirs(os.path.dirname(self._local_path), exist_ok=True)
-            open(self._local_path, "a").close()
         self.ray = RayMetrics(labels)
+        self._thread = threading.Thread(target=self._loop, name="rlfleet-metrics", daemon=True)
+        self._thread.start()
 
     def set_start_step(self, step: int) -> None:
         self._last_step = step
 
     def write(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, sort_keys=True, allow_nan=False, default=float)
-        self.rows.append(line)
-        if self._local_path is not None:
-            with open(self._local_path, "a") as f:
-                f.write(line + "\n")
-        else:
-            self._dirty = True
-            if time.monotonic() - self._last_write >= self.rewrite_every_s:
-                self.flush()
+        self.rows.append(json.dumps(row, sort_keys=True, allow_nan=False, default=float))
         step = int(row.get("step", self._last_step))
         self.ray.record_row(dict(row), steps_delta=max(0, step - self._last_step))
         self._last_step = max(step, self._last_step)
 
-    def flush(self) -> None:
-        if self._local_path is None and (self._dirty or not self._last_write):
-            self.arts.write_text("metrics.jsonl", "".join(r + "\n" for r in self.rows))
-            self._dirty = False
-            self._last_write = time.monotonic()
+    # -- background ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        delay = self.flush_every_s
+        while not self._stop.wait(delay):
+            with self._lock:
+                ok = self._flush_segment()
+            delay = self.flush_every_s if ok else min(max(delay, self.flush_every_s) * 2, self.max_backoff_s)
 
+    def _failed(self, what: str, err: BaseException) -> None:
+        self.failures += 1
+        self.last_error = f"{type(err).__name__}: {err}"
+        if self.failures == 1 or self.failures % 20 == 0:
+            print(f"rlfleet: warning: metrics: could not {what} ({self.last_error}); {len(self.rows) - self.flushed} "
+                  "row(s) kept in memory, retrying", file=sys.stderr, flush=True)
+
+    def _flush_segment(self) -> bool:
+        """Append the rows not yet stored as one segment; merge full groups. False if the store failed."""
+        end = len(self.rows)
+        first = self.flushed
+        if end > first:
+            try:
+                self.arts.write_text(metrics_segment(first, end - 1), "".join(r + "\n" for r in self.rows[first:end]))
+            except Exception as err:  # metrics must never break a run
+                self._failed(f"write rows {first}-{end - 1}", err)
+                return False
+            self.flushed = end
+            self._segments.append((first, end - 1, 0))
+        self._merge()
+        for rel in list(self._garbage):
+            try:
+                self.arts.delete_file(rel)
+                self._garbage.remove(rel)
+            except Exception as err:  # one attempt per file, retried next time
+                self._failed(f"delete {rel}", err)
+        return True
+
+    def _merge(self) -> None:
+        """``fanout`` consecutive segments of one level become one segment of the next level (written
+        before the small ones are deleted, so readers always find every row)."""
+        segs = self._segments
+        i = 0
+        while i + self.fanout <= len(segs):
+            group = segs[i : i + self.fanout]
+            if len({lvl for _, _, lvl in group}) != 1:
+                i += 1
+                continue
+            first, last, level = group[0][0], group[-1][1], group[0][2]
+            try:
+                self.arts.write_text(metrics_segment(first, last),
+                                     "".join(r + "\n" for r in self.rows[first : last + 1]))
+            except Exception as err:
+                self._failed(f"merge rows {first}-{last}", err)
+                return
+            segs[i : i + self.fanout] = [(first, last, level + 1)]
+            self._garbage.extend(metrics_segment(a, b) for a, b, _ in group)
+            i = 0
+
+    # -- end ----------------------------------------------------------------------------------
     def close(self) -> None:
-        self.flush()
+        """Every row to metrics.jsonl (with the store's retry budget), then drop the segments.
+        Never raises: if the store stays down, the segments already written remain readable."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if not self._lock.acquire(timeout=self.close_timeout_s):  # the thread's write in progress
+            print(f"rlfleet: warning: metrics: the store did not take the last rows within "
+                  f"{self.close_timeout_s:.0f} s; {len(self.rows) - self.flushed} row(s) not stored",
+                  file=sys.stderr, flush=True)
+            return
+        try:
+            try:
+                self.arts.write_text(METRICS, "".join(r + "\n" for r in self.rows))
+                self.flushed = len(self.rows)
+            except Exception as err:
+                self._failed(f"write {METRICS}", err)
+            else:
+                try:
+                    self.arts.delete_dir(METRICS_DIR)
+                except Exception as err:  # metrics.jsonl wins for readers; the segments only cost space
+                    self._failed(f"delete {METRICS_DIR}/", err)
+        finally:
+            self._lock.release()
         linger = float(os.environ.get("RLFLEET_METRICS_LINGER_S", "0") or 0)
         if linger > 0 and self.ray.enabled:
             # let Prometheus scrape the final values before the process exits
