@@ -328,10 +328,16 @@ class RunArtifacts:
         return self._manifest
 
     def read_bytes(self, rel: str, *, allow_incomplete: bool = False) -> bytes:
-        """Read a file; for a committed run, check it against the manifest."""
-        if allow_incomplete and not self.is_complete():
-            return self._read_raw(rel)
-        entry = self.manifest().files.get(rel)
+        """Read a file; for a committed run, check it against the manifest. ``allow_incomplete``
+        also reads, unchecked, from a run whose manifest is missing or damaged."""
+        if allow_incomplete:
+            try:
+                manifest = self.manifest()
+            except (IncompleteRunError, TamperedRunError):
+                return self._read_raw(rel)
+        else:
+            manifest = self.manifest()
+        entry = manifest.files.get(rel)
         if entry is None:
             raise ArtifactError(f"run {self.run_id} has no {rel} in its manifest")
         data = self._read_raw(rel)

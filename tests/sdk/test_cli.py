@@ -185,6 +185,7 @@ def test_stored_runs_report_a_damaged_manifest_as_a_damaged_run(tmp_path: Path) 
     assert res.returncode == 0, res.stderr
     docs = {d["run_id"]: d for d in json.loads(res.stdout)}
     assert docs[bad.run_id]["state"] == "damaged" and not docs[bad.run_id]["complete"]
+    assert docs[bad.run_id]["name"] == "cut"  # its spec.json is still shown (unverified)
     assert "manifest.json is not a valid manifest" in docs[bad.run_id]["problem"]
     assert docs[good.run_id]["state"] == "complete" and docs[good.run_id]["wall_time_s"] == 3.0
     res = cli("runs", "--stored", env=env)

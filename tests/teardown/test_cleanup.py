@@ -151,3 +151,16 @@ def test_apply_rechecks_each_run_right_before_deleting_it(tmp_path, monkeypatch)
     assert sorted(r.run_id for r in plan.remove) == ["a3", "a4", "a5"]
     assert sorted(store.list_run_ids()) == ["a1", "a2", "dep", "dep2", "dep3", "k1", "new"]
     assert sum(line.startswith("removed run") for line in lines) == 3
+
+
+def test_a_damaged_manifest_counts_as_none_and_keeps_its_spec(tmp_path, monkeypatch):
+    store = ArtifactStore(f"file://{tmp_path}/root")
+    _commit_aged(store, "src", {"kind": "train", "name": "cp"}, 60, monkeypatch)
+    _commit_aged(store, "dep", {"kind": "deploy", "name": "srv", "source": "src"}, 50, monkeypatch)
+    manifest = tmp_path / "root" / "runs" / "dep" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])  # e.g. bit rot, or an in-place write by an old version
+    rec = cleanup.read_run(store, "dep")
+    assert (rec.complete, rec.kind, rec.name, rec.reads_from) == (False, "deploy", "srv", ("src",))
+    plan = cleanup.plan_cleanup(store, older_than=cleanup.parse_age("30d"), active_run_ids=None)
+    kept = {r.run_id: why for r, why in plan.keep}
+    assert "dep" in kept and "src" in kept and plan.remove == []
