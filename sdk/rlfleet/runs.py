@@ -89,6 +89,7 @@ class Run:
         self.target = target
         self._info = info
         self._spec = spec
+        self._stopping = False  # after cancel(), wait() waits for the end, also for a serving deploy run
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r}, target={self.target.name!r})"
@@ -160,7 +161,8 @@ class Run:
         poll: float = 0.25,
         on_poll: Callable[[Run, RunStatus], None] | None = None,
     ) -> RunStatus:
-        """Block until the run is terminal; a deploy run returns RUNNING as soon as it serves."""
+        """Block until the run is terminal; a deploy run returns RUNNING as soon as it serves
+        (unless this handle cancelled it: then until it has stopped)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll
         while True:
@@ -169,7 +171,7 @@ class Run:
                 on_poll(self, st)
             if st.is_terminal():
                 return st
-            if st is RunStatus.RUNNING and self.kind is Kind.DEPLOY and self._endpoint_ready():
+            if st is RunStatus.RUNNING and self.kind is Kind.DEPLOY and not self._stopping and self._endpoint_ready():
                 return st
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"run {self.run_id} still {st.value} after {timeout} s")
@@ -253,6 +255,7 @@ class Run:
         if self.status().is_terminal():
             revoke_deploy_token(self.run_id)
             return False
+        self._stopping = True
         stopped = bool(_client(self.target).stop(self.run_id))
         revoke_deploy_token(self.run_id)
         return stopped
