@@ -131,7 +131,7 @@ def local_target() -> Target:
         token_source=f"file:{token_path()}",
         artifact_root="file://" + str(rlfleet_home()),
         provisioner={"type": "local"},
-        env_vars={"RLFLEET_SERVE_PORTS": ",".join(str(p) for p in st.get("serve_ports", []))},
+        serve_ports=tuple(st.get("serve_ports", [])),
     )
 
 
