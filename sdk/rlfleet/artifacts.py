@@ -391,6 +391,8 @@ class RunArtifacts:
         (finished runs, and runs from before segments), else the segments under ``metrics/``."""
         done = 0  # rows yielded so far
         for _ in range(5):  # the writer may consolidate or merge segments while we read
+            # another process writes them: drop this filesystem's cached listings (s3fs, gcsfs)
+            self.store.fs.invalidate_cache(self.store._path(RUNS_DIR, self.run_id, METRICS_DIR))
             if self.exists(METRICS):
                 yield from _jsonl(self._read_raw(METRICS))[done:]
                 return

@@ -287,3 +287,21 @@ def test_metrics_segments_and_the_single_file_read_the_same(tmp_path) -> None:
     assert list(live.iter_metrics()) == rows[:14]
     live.write_text(METRICS, lines(0, 19))  # finished: the consolidated file wins
     assert list(live.iter_metrics()) == rows
+
+
+def test_a_long_lived_reader_sees_new_metrics_segments(store: ArtifactStore) -> None:
+    """E.g. a progress bar polling Run.metrics(): the reader's cached listing must not hide new rows."""
+    from rlfleet.artifacts import METRICS, metrics_segment
+
+    reader = store.run("rl-live")
+    writer = ArtifactStore(store.root_uri, storage_options={**store.storage_options, "skip_instance_cache": True},
+                           backoff_s=0.01).run("rl-live")
+    writer.write_text("spec.json", "{}")
+    assert list(reader.iter_metrics()) == []
+    writer.write_text(metrics_segment(0, 1), '{"step": 1}\n{"step": 2}\n')
+    assert [r["step"] for r in reader.iter_metrics()] == [1, 2]
+    writer.write_text(metrics_segment(2, 2), '{"step": 3}\n')
+    assert [r["step"] for r in reader.iter_metrics()] == [1, 2, 3]
+    writer.write_text(METRICS, '{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4}\n')
+    writer.delete_dir("metrics")
+    assert [r["step"] for r in reader.iter_metrics()] == [1, 2, 3, 4]
