@@ -5,10 +5,9 @@ from pathlib import Path
 
 _here = Path(__file__).resolve().parent
 sys.path.insert(0, str(_here.parent / "shared"))  # rlfleet_cloud: settings + bootstrap
-try:
-    import rlfleet.stack_outputs  # noqa: F401 - installed with `pip install rlfleet`
-except ImportError:  # running from a source checkout
-    sys.path.insert(0, str(_here.parent.parent / "sdk"))
+# rlfleet from this checkout, always (never an installed copy, never an index): the program builds
+# and ships this checkout's wheel, and describes the stack with the same code.
+sys.path.insert(0, str(_here.parent.parent / "sdk"))
 
 import pulumi  # noqa: E402
 from rlfleet_aws.cluster import RayGpuCluster  # noqa: E402

@@ -177,3 +177,15 @@ def test_gcp_node_may_read_the_kit_but_not_replace_it(gcp: Built) -> None:
 def test_kit_spec_config_is_refused_with_the_way_out() -> None:
     with pytest.raises(StackConfigError, match=r"kit_spec.*pulumi config rm kit_spec"):
         parse_settings("aws", {"admin_cidrs": "203.0.113.0/24", "kit_spec": "rlfleet==0.1.0"}.get, stack="dev")
+
+
+@pytest.mark.parametrize("project", ["aws", "gcp"])
+def test_pulumi_program_venv_does_not_install_rlfleet_by_name(project: str) -> None:
+    """`pulumi up` installs requirements.txt into the program's venv on the user's machine, with
+    the user's cloud credentials at hand: rlfleet itself comes from the checkout, never an index."""
+    lines = (ROOT / "infra_cloud" / project / "requirements.txt").read_text().splitlines()
+    reqs = [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
+    named = [r for r in reqs if re.match(r"(?i)rlfleet([^a-z0-9_.-]|$)", r)]
+    assert named == [], f"infra_cloud/{project}/requirements.txt asks an index for {named}"
+    main = (ROOT / "infra_cloud" / project / "__main__.py").read_text()
+    assert 'sys.path.insert(0, str(_here.parent.parent / "sdk"))' in main

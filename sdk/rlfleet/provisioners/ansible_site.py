@@ -10,6 +10,9 @@ The target is read from the inventory with ``ansible-inventory --list``:
 - ``artifact_root``: ``file://<nas_client_artifact_dir>`` (default ``/mnt/rlfleet/rlfleet``), the
   NAS mount as every node sees it; ``client_artifact_root`` is where this machine sees the same
   directory, if it mounts the NAS too;
+- ``serve_ports``: ``tls_front_serve_ports`` (or ``rlfleet_serve_ports``; default 8600-8607), the
+  ports a deploy run binds on 127.0.0.1 of its node and nginx serves over TLS on the node's address
+  (a deploy run's endpoint is ``https://<node address>:<port>``, called with ``ca_cert``);
 - token: ``token_file=`` (mode 0600), else ``vault_ray_token`` from the inventory's vault, decrypted
   with ``vault_password_file=`` or ``$ANSIBLE_VAULT_PASSWORD_FILE`` and written to
   ``~/.rlfleet/tokens/<target>.token`` (0600). The token never enters the targets file.
@@ -41,6 +44,8 @@ Echo = Callable[[str], None]
 
 DEFAULT_RAY_API_PORT = 8443
 DEFAULT_MOUNT_PATH = "/mnt/rlfleet"
+# tls_front_serve_ports (ansible/roles/tls_front): deploy ports nginx serves over TLS on every node
+DEFAULT_SERVE_PORTS = (8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
 HEAD_GROUP = "ray_head"
 # Controller variables that must not reach the hosts (the nsenter/local connections inherit the
 # environment): pip/SSL settings of this machine mean nothing there and break pip.
@@ -60,7 +65,7 @@ def _bin(name: str) -> str:
         return str(here)
     found = shutil.which(name)
     if not found:
-        raise ProvisionerError(f"{name} is not installed: pip install 'rlfleet[onprem]'")
+        raise ProvisionerError(f"{name} is not installed: pip install -e '.[onprem]' in your rlfleet checkout")
     return found
 
 
@@ -181,6 +186,7 @@ class SiteInfo:
     pki_dir: Path
     hosts: list[str] = field(default_factory=list)
     vault_token: str | None = None
+    serve_ports: tuple[int, ...] = DEFAULT_SERVE_PORTS
 
 
 def site_info(inventory: str | Path, *, vault_password_file: str | None = None,
@@ -212,6 +218,7 @@ def site_info(inventory: str | Path, *, vault_password_file: str | None = None,
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"inventory {where}: tls_front_ray_api_port {port!r} is not a TCP port (1-65535)")
     return SiteInfo(
+        serve_ports=_serve_ports(hv, where),
         head=head,
         head_address=address,
         api_port=int(port),
@@ -220,6 +227,19 @@ def site_info(inventory: str | Path, *, vault_password_file: str | None = None,
         hosts=_group_hosts(inv, "rlfleet"),
         vault_token=str(token) if isinstance(token, str) and token and "{{" not in token else None,
     )
+
+
+def _serve_ports(hostvars: dict[str, Any], where: str) -> tuple[int, ...]:
+    name = next((n for n in ("tls_front_serve_ports", "rlfleet_serve_ports") if n in hostvars), None)
+    if name is None:
+        return DEFAULT_SERVE_PORTS
+    value = hostvars[name]
+    _literal(value, name, where)
+    ports = value if isinstance(value, list) else [value]
+    if not ports or not all(str(p).isdigit() and 1024 <= int(p) <= 65535 for p in ports):
+        raise ConfigError(f"inventory {where}: {name} {value!r} must be a list of TCP ports 1024-65535, "
+                          "e.g. [8600, 8601]")
+    return tuple(dict.fromkeys(int(p) for p in ports))
 
 
 def _save_token(name: str, token: str) -> Path:
@@ -266,6 +286,7 @@ def target_from(name: str, *, inventory: str | None = None, token_file: str | No
         provisioner={"type": "ansible", "inventory": inv_abs, "playbook_dir": str(pdir),
                      **({"vault_password_file": vault} if vault else {})},
         env_vars=dict(env_vars or {}),
+        serve_ports=info.serve_ports,
     )
 
 
@@ -308,7 +329,8 @@ def run_playbook(target: Target, playbook: str, *, extravars: dict[str, Any] | N
     try:
         import ansible_runner
     except ImportError:
-        raise ProvisionerError("onprem targets need ansible-runner: pip install 'rlfleet[onprem]'") from None
+        raise ProvisionerError(
+            "onprem targets need ansible-runner: pip install -e '.[onprem]' in your rlfleet checkout") from None
 
     counters = {"tasks": 0}
     failures: list[str] = []

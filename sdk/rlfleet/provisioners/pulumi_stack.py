@@ -171,7 +171,7 @@ def _stack(project_dir: Path, name: str, *, create: bool) -> Any:
         from pulumi import automation as auto
     except ImportError:
         raise ProvisionerError(
-            "cloud targets need the Pulumi SDK: pip install 'rlfleet[aws]' or 'rlfleet[gcp]'"
+            "cloud targets need the Pulumi SDK: pip install -e '.[aws]' (or '.[gcp]') in your rlfleet checkout"
         ) from None
     try:
         if create:
