@@ -143,7 +143,13 @@ def test_apply_rechecks_each_run_right_before_deleting_it(tmp_path, monkeypatch)
     killed.write_bytes("checkpoints/step_200.pt", b"y" * 10)
     answers = iter([{"x9", "a2"}, {"x9", "a2"}, {"x9", "a2"}, None, None, None, None])
     lines: list[str] = []
-    cleanup.apply_cleanup(store, plan, echo=lines.append, active_run_ids=lambda: next(answers))
+    calls: list[int] = []
+
+    def ask_cluster() -> set[str] | None:
+        calls.append(1)
+        return next(answers)
+
+    cleanup.apply_cleanup(store, plan, echo=lines.append, active_run_ids=ask_cluster)
     kept = {r.run_id: why for r, why in plan.keep}
     assert "dep3" in kept["a1"] and "a2" in kept and "changed since" in kept["k1"]
     # from the 4th run on the cluster stops answering: deploy runs are kept, plain old runs still go
@@ -151,6 +157,7 @@ def test_apply_rechecks_each_run_right_before_deleting_it(tmp_path, monkeypatch)
     assert sorted(r.run_id for r in plan.remove) == ["a3", "a4", "a5"]
     assert sorted(store.list_run_ids()) == ["a1", "a2", "dep", "dep2", "dep3", "k1", "new"]
     assert sum(line.startswith("removed run") for line in lines) == 3
+    assert len(calls) == 4  # a2, a3, a4, a5; after the first silence the cluster is not asked again
 
 
 def test_a_damaged_manifest_counts_as_none_and_keeps_its_spec(tmp_path, monkeypatch):

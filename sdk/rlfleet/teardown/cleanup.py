@@ -247,14 +247,23 @@ def apply_cleanup(
     when its files changed since the plan, when a run that appeared since the plan names it as
     source or resume point, or when ``active_run_ids()`` (asked again for every run: the cluster's
     active runs and their sources, ``None`` if it does not answer) says it is in use, or cannot say
-    and the run is one the unknown-cluster rules keep.
+    and the run is one the unknown-cluster rules keep. Once the cluster has not answered, it is not
+    asked again (each try can cost a connect timeout).
     """
     planned = {r.run_id: r for r in plan.remove} | {r.run_id: r for r, _ in plan.keep}
     new_records: dict[str, RunRecord] = {}
+    answered = True
+
+    def ask() -> set[str] | None:
+        nonlocal answered
+        active = active_run_ids() if answered and active_run_ids is not None else None
+        answered = active is not None
+        return active
+
     freed = 0
     removed: list[RunRecord] = []
     for r in plan.remove:
-        why = _still_in_use(store, r, planned, new_records, active_run_ids)
+        why = _still_in_use(store, r, planned, new_records, ask if active_run_ids is not None else None)
         if why:
             plan.keep.append((r, why))
             echo(f"kept   {r.run_id} ({r.name}): {why}")
