@@ -148,8 +148,10 @@ def test_checkpoint_and_manifest_writes_ride_out_an_outage_within_their_budget(m
     boto3.client("s3", endpoint_url=moto_reset).create_bucket(Bucket="ride")
     proxy = CuttableProxy(moto_reset)
     opts = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}, "skip_instance_cache": True}
+    # botocore's own retries (~10-15 s per attempt by default) off, so our budget alone decides
+    quick = {**opts, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     try:
-        run = ArtifactStore("s3://ride/r", storage_options=opts, retry_s=60, max_backoff_s=1.0).run("ckpt")
+        run = ArtifactStore("s3://ride/r", storage_options=quick, retry_s=60, max_backoff_s=1.0).run("ckpt")
         run.write_bytes("checkpoints/step_1.pt", b"weights")
         proxy.cut(True)
         threading.Timer(4.0, proxy.cut, args=(False,)).start()
@@ -157,16 +159,16 @@ def test_checkpoint_and_manifest_writes_ride_out_an_outage_within_their_budget(m
         run.write_bytes("checkpoints/step_2.pt", b"more weights")  # falls into the outage
         run.commit()
         took = time.monotonic() - t0
-        assert took >= 3.5 and proxy.reset > 0
+        assert 3.5 <= took < 15 and proxy.reset > 0
         assert open_run("s3://ride/r", "ckpt", storage_options=opts).verify().files.keys() == {
             "checkpoints/step_1.pt", "checkpoints/step_2.pt"}
 
-        short = ArtifactStore("s3://ride/r", storage_options=opts, retry_s=2, max_backoff_s=0.5).run("short")
+        short = ArtifactStore("s3://ride/r", storage_options=quick, retry_s=2, max_backoff_s=0.5).run("short")
         proxy.cut(True)
         t0 = time.monotonic()
         with pytest.raises(StoreUnavailable, match=r"failed to .*run short after \d+ attempts over"):
             short.commit()
-        assert time.monotonic() - t0 < 30
+        assert 1.5 < time.monotonic() - t0 < 6
     finally:
         proxy.close()
     assert not open_run("s3://ride/r", "short", storage_options={"client_kwargs": {"endpoint_url": moto_reset}}
