@@ -160,6 +160,8 @@ class MetricsWriter:
         delay = self.flush_every_s
         while not self._stop.wait(delay):
             with self._lock:
+                if self._closed:  # close() got the lock first: it has written metrics.jsonl
+                    return
                 ok = self._flush_segment()
             delay = self.flush_every_s if ok else min(max(delay, self.flush_every_s) * 2, self.max_backoff_s)
 
