@@ -126,3 +126,16 @@ def test_node_identities_cannot_destroy_noncurrent_versions(aws: Built, gcp: Bui
     member = f"serviceAccount:{node_sa.state['email']}"
     roles = {r.inputs["role"] for r in gcp.resources if r.inputs.get("member") == member}
     assert not roles & {"roles/storage.admin", "roles/storage.objectAdmin"}  # no bucket settings, no restore
+
+
+def test_target_from_the_outputs_records_the_stack_id_and_teardown_uses_it(aws: Built, tmp_path) -> None:
+    from rlfleet.provisioners.pulumi_stack import target_from_outputs
+    from rlfleet.teardown.down import bare_name_note, stack_of
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    t = target_from_outputs("c", aws.outputs, ca_cert=str(ca))
+    sid = aws.outputs[so.OUTPUT_STACK_TAG]
+    assert t.provisioner["stack_tag"] == sid and stack_of(t) == sid and bare_name_note(t) is None
+    legacy = t.model_copy(update={"provisioner": {**t.provisioner, "stack_tag": "dev"}})
+    assert "bare stack name 'dev'" in (bare_name_note(legacy) or "")

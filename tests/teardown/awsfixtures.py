@@ -84,7 +84,9 @@ def create_set(session: boto3.Session, prefix: str, stack: str | None) -> Create
                          Tags=[{"TagKey": t["Key"], "TagValue": t["Value"]} for t in tags])["KeyMetadata"]["KeyId"]
     out.kms_keys.append(key)
     bucket = f"{prefix}-artifacts"
-    s3.create_bucket(Bucket=bucket)
+    region = session.region_name or "us-east-1"
+    s3.create_bucket(Bucket=bucket, **({} if region == "us-east-1" else
+                                       {"CreateBucketConfiguration": {"LocationConstraint": region}}))
     s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": tags})
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [

@@ -60,13 +60,14 @@ def test_scan_then_remove_keeps_data_then_deletes_it_and_never_touches_decoys(wo
     _check_scan(found, ours, other, untagged)
     report = aws.remove_leftovers(found, delete_data=False, session=session, region="us-east-1")
     assert report.ok, report.lines()
-    assert [x.id for x, _ in report.skipped] == ours.buckets  # data kept by default
+    # data kept by default, and the key that encrypts it with it
+    assert [x.id for x, _ in report.skipped] == ours.kms_keys + ours.buckets
     left = aws.scan_stack(STACK, region="us-east-1", session=session)
-    assert [(x.kind, x.id) for x in left] == [("s3:bucket", ours.buckets[0])]
+    assert [(x.kind, x.id) for x in left] == [("kms:key", ours.kms_keys[0]), ("s3:bucket", ours.buckets[0])]
     assert aws.bucket_usage(ours.buckets[0], session=session) == (6, 6 * 30)  # 6 versions, 20+40 B each pair
 
     report2 = aws.remove_leftovers(left, delete_data=True, session=session, region="us-east-1")
-    assert report2.ok and [x.id for x in report2.removed] == ours.buckets
+    assert report2.ok and [x.id for x in report2.removed] == ours.kms_keys + ours.buckets
     assert aws.scan_stack(STACK, region="us-east-1", session=session) == []
     assert still_present(session, ours) == {}
 

@@ -18,6 +18,9 @@ from rlfleet.teardown.down import down
 from .awsfixtures import as_dict, create_set, still_present
 
 
+TAG = "prod-0123456789ab"  # the stack id the program exports (test_stack_scope.py: bare names)
+
+
 @dataclass
 class FakeRun:
     run_id: str
@@ -46,7 +49,7 @@ class FakePulumi:
         # like pulumi_stack.destroy, which refuses delete_data (the bucket is a retained resource)
         assert not delete_data, "down must delete cloud data through its own sweep"
         self.destroyed += 1
-        items = [x for x in aws.scan_stack("prod", region="us-east-1") if x.kind not in self.leak]
+        items = [x for x in aws.scan_stack(TAG, region="us-east-1") if x.kind not in self.leak]
         aws.remove_leftovers(items, delete_data=False, region="us-east-1")
 
     def plan_destroy(self, target, *, delete_data):
@@ -61,14 +64,14 @@ def aws_target(endpoint: str) -> Target:
     return Target(name="prod", kind="aws", ray_address="https://10.0.0.5:8443", token_source="env:RLF_TOKEN",
                   artifact_root="s3://rlf-prod-artifacts/rlfleet",
                   storage_options={"client_kwargs": {"endpoint_url": endpoint}},
-                  provisioner={"type": "pulumi", "project_dir": "/nonexistent", "stack": "prod",
+                  provisioner={"type": "pulumi", "project_dir": "/nonexistent", "stack": "prod", "stack_tag": TAG,
                                "region": "us-east-1"})
 
 
 @pytest.fixture
 def world(moto_reset):
     s = boto3.Session(region_name="us-east-1")
-    return s, create_set(s, "rlf-prod", "prod"), create_set(s, "rlf-other", "other")
+    return s, create_set(s, "rlf-prod", TAG), create_set(s, "rlf-other", "other-0123456789ab")
 
 
 pytestmark = pytest.mark.integration
@@ -88,9 +91,9 @@ def test_down_cancels_destroys_sweeps_leaks_keeps_data_and_second_down_is_a_noop
     assert res.sweep is not None and res.sweep.ok
     assert {x.kind for x in res.sweep.removed} == {"ec2:volume", "ec2:security-group", "logs:log-group"}
     assert res.leftovers == []
-    assert [x.id for x in res.kept_data] == ours.buckets
+    assert sorted(x.id for x in res.kept_data) == sorted(ours.buckets + ours.kms_keys)  # the key of the kept data too
     assert any("kept aws s3:bucket rlf-prod-artifacts" in line for line in lines)
-    assert still_present(session, ours) == {"buckets": ours.buckets}
+    assert still_present(session, ours) == {"buckets": ours.buckets, "kms_keys": ours.kms_keys}
     assert still_present(session, other) == as_dict(other)
     assert still_present(session, untagged) == as_dict(untagged)
 
@@ -126,7 +129,7 @@ def test_down_reports_leftovers_it_cannot_remove_and_exits_nonzero(world, moto_r
     monkeypatch.setattr(aws, "remove_leftovers", real_remove)
     res = down(aws_target(moto_reset), list_runs=lambda t: [], provisioner=FakePulumi(), echo=lines.append,
                backoff_s=0.01)
-    assert res.leftovers == [] and still_present(session, ours) == {"buckets": ours.buckets}
+    assert res.leftovers == [] and still_present(session, ours) == {"buckets": ours.buckets, "kms_keys": ours.kms_keys}
     assert still_present(session, other) == as_dict(other)
 
 
@@ -153,7 +156,7 @@ def test_delete_data_without_tty_or_yes_is_refused_before_anything_changes(world
                echo=lambda s: None, backoff_s=0.01)
     assert res.data is not None and (res.data.objects, res.data.bytes) == (6, 180)
     assert res.kept_data == [] and res.leftovers == [] and still_present(session, ours) == {}
-    assert aws.scan_stack("prod", region="us-east-1") == []
+    assert aws.scan_stack(TAG, region="us-east-1") == []
 
 
 def test_dry_run_lists_and_changes_nothing(world, moto_reset):

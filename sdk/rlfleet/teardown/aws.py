@@ -1,4 +1,4 @@
-"""AWS leak scan and removal, scoped strictly to resources tagged ``rlfleet:stack=<stack>``.
+"""AWS leak scan and removal, scoped strictly to resources tagged ``rlfleet:stack=<stack id>``.
 
 ``scan_stack`` finds what the kit created for a stack and is still there:
 
@@ -119,7 +119,9 @@ def parse_arn(arn: str, region: str | None = None) -> Leftover:
         name = name[:-2] if name.endswith(":*") else name
         return Leftover("aws", "logs:log-group", name, region=arn_region, arn=arn)
     if service == "kms" and resource.startswith("key/"):
-        return Leftover("aws", "kms:key", resource[len("key/"):], region=arn_region, arn=arn)
+        # the stack key encrypts the artifact bucket: it is data, kept with the bucket
+        return Leftover("aws", "kms:key", resource[len("key/"):], region=arn_region, arn=arn, is_data=True,
+                        detail="encrypts the artifact bucket")
     if service == "secretsmanager":
         return Leftover("aws", "secretsmanager:secret", arn, region=arn_region, arn=arn)
     if service == "sns":
@@ -139,10 +141,16 @@ def scan_stack(
     region: str | None = None,
     endpoint_url: str | None = None,
     session: Any | None = None,
+    include_iam: bool = True,
 ) -> list[Leftover]:
-    """Everything tagged ``rlfleet:stack=<stack>`` that still exists, sorted in removal order."""
+    """Everything tagged ``rlfleet:stack=<stack>`` that still exists, sorted in removal order.
+
+    ``stack`` is the stack id (:func:`rlfleet.stack_outputs.make_stack_id`), unique per account,
+    region and Pulumi project, so the global IAM pass only matches this stack. ``include_iam=False``
+    skips that pass (for a bare stack name, which another region's stack shares).
+    """
     if not stack:
-        raise ValueError("scan_stack needs a stack name")
+        raise ValueError("scan_stack needs a stack id")
     c = _Clients(_session(session, region), region, endpoint_url)
     found: dict[tuple[str, str], Leftover] = {}
 
@@ -181,7 +189,9 @@ def scan_stack(
         for g in page["SecurityGroups"]:
             add(Leftover("aws", "ec2:security-group", g["GroupId"], region=c.region, detail=g.get("GroupName", "")))
 
-    # 3. IAM (global; not in the tagging API)
+    # 3. IAM (global; not in the tagging API): the stack id is what keeps this to one stack
+    if not include_iam:
+        return sort_for_removal(found.values())
     iam = c("iam")
     for page in iam.get_paginator("list_roles").paginate():
         for role in page["Roles"]:

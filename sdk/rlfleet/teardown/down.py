@@ -10,8 +10,8 @@ Order of work (nothing changes before the data-deletion question is answered):
    cloud stacks keep their artifact bucket on destroy, so for them ``delete_data`` is not
    passed on: the sweep deletes the bucket instead;
 5. cloud targets only: remove whatever is still tagged for the stack (the sweep: only resources
-   carrying ``rlfleet:stack=<stack>`` / ``rlfleet-stack=<stack>``; artifact buckets only with
-   ``delete_data``);
+   carrying ``rlfleet:stack=<stack id>`` / ``rlfleet-stack=<stack id>``; the artifact bucket and
+   the key that encrypts it only with ``delete_data``);
 6. verify: scan again, retrying with backoff for eventual consistency; anything left is printed
    and :class:`LeftoversFound` raised.
 
@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from rlfleet.errors import ConfirmationRequired, LeftoversFound, ProvisionerError, RlfleetError
+from rlfleet.stack_outputs import is_stack_id
 from rlfleet.targets import Target
 from rlfleet.teardown import AWS_STACK_TAG, GCP_STACK_LABEL, Leftover, RemovalReport
 from rlfleet.teardown.cleanup import human_bytes
@@ -73,6 +74,7 @@ class DownResult:
 # -- how to scan and sweep each kind of target ----------------------------------------------
 
 def stack_of(target: Target) -> str:
+    """The value the stack's resources are tagged with: its stack id (older targets: the bare name)."""
     prov = target.provisioner or {}
     stack = prov.get("stack_tag") or prov.get("stack")
     if not stack:
@@ -81,6 +83,21 @@ def stack_of(target: Target) -> str:
             "tagged resources belong to it; re-create it with 'rlfleet target add'"
         )
     return str(stack)
+
+
+def bare_name_note(target: Target) -> str | None:
+    """For a cloud target that records a bare stack name instead of a stack id: what is not swept."""
+    if target.kind != "aws":
+        return None  # gcp: the scans stay inside the target's project, where the old names were unique
+    tag = stack_of(target)
+    if is_stack_id(tag):
+        return None
+    return (
+        f"target {target.name!r} records the bare stack name {tag!r} (made before stack ids): IAM is "
+        f"global and every region's and project's {tag!r} carries that tag, so IAM roles, profiles and "
+        "policies are not swept or checked; run 'pulumi up' on the stack once (it tags everything with "
+        f"its stack id), then 'rlfleet target add' it again"
+    )
 
 
 def _region(target: Target) -> str | None:
@@ -103,13 +120,14 @@ def default_scanner(target: Target, provisioner: ModuleType | None) -> Scanner:
         from rlfleet.teardown import aws
 
         stack, region = stack_of(target), _region(target)
-        return lambda: aws.scan_stack(stack, region=region)
+        include_iam = is_stack_id(stack)
+        return lambda: aws.scan_stack(stack, region=region, include_iam=include_iam)
     if target.kind == "gcp":
         from rlfleet.teardown import gcp
 
-        stack = stack_of(target)
+        stack, region = stack_of(target), _region(target)
         project = (target.provisioner or {}).get("project")
-        return lambda: gcp.scan_stack(stack, project=project)
+        return lambda: gcp.scan_stack(stack, project=project, region=region)
     if provisioner is None:
         return list
 
@@ -188,6 +206,9 @@ def down(
     scan = scanner or default_scanner(target, provisioner)
     sweep = remover if remover is not None else default_remover(target)
     result = DownResult(target=target.name, dry_run=dry_run)
+    note = bare_name_note(target)
+    if note:
+        echo(note)
 
     # 1. runs still going
     try:

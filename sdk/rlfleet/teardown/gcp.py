@@ -1,11 +1,14 @@
-"""GCP leak scan and removal, scoped to resources labelled ``rlfleet-stack=<stack>``.
+"""GCP leak scan and removal, scoped to resources labelled ``rlfleet-stack=<stack id>``.
 
 - buckets: google-cloud-storage (label filter client-side); removal deletes every object
   generation, then the bucket — only with ``delete_data``;
 - instances and disks: Compute Engine REST API (``aggregated/instances|disks`` with the filter
   ``labels.rlfleet-stack=<stack>``) through google-auth's AuthorizedSession;
 - service accounts cannot carry labels: the kit marks them with ``rlfleet-stack=<stack>`` in
-  their description, and that is what the scan matches.
+  their description, and that is what the scan matches;
+- the stack's Cloud KMS key (labelled; needs the region): it encrypts the artifact bucket, so it
+  is data like the bucket. A CryptoKey cannot be deleted: removal (only with ``delete_data``)
+  stops its rotation and destroys every version; a key without a live version counts as gone.
 
 What is validated where: the bucket path runs against the real GCS emulator in the tests; the
 Compute Engine and IAM REST calls could not run here (no emulator exists for them) and are
@@ -23,8 +26,12 @@ from rlfleet.teardown import GCP_STACK_LABEL, Leftover, RemovalReport
 
 COMPUTE = "https://compute.googleapis.com/compute/v1"
 IAM = "https://iam.googleapis.com/v1"
-ALL_KINDS = ("gcs:bucket", "compute:instance", "compute:disk", "iam:service-account")
-REMOVAL_ORDER = ["compute:instance", "compute:disk", "iam:service-account", "gcs:bucket"]
+KMS = "https://cloudkms.googleapis.com/v1"
+ALL_KINDS = ("gcs:bucket", "compute:instance", "compute:disk", "iam:service-account", "kms:crypto-key")
+_REST_KINDS = {"compute:instance", "compute:disk", "iam:service-account", "kms:crypto-key"}
+# the key after the bucket: if deleting the data fails, the data stays readable for a re-run
+REMOVAL_ORDER = ["compute:instance", "compute:disk", "iam:service-account", "gcs:bucket", "kms:crypto-key"]
+_LIVE_VERSION = ("ENABLED", "DISABLED", "PENDING_GENERATION", "PENDING_IMPORT")
 
 
 def _storage_client(project: str | None) -> Any:
@@ -58,9 +65,10 @@ def scan_stack(
     storage_client: Any | None = None,
     session: Any | None = None,
 ) -> list[Leftover]:
-    """Everything labelled ``rlfleet-stack=<stack>`` in the project, in removal order."""
+    """Everything labelled ``rlfleet-stack=<stack id>`` in the project, in removal order. The KMS
+    key is looked for only when ``region`` (the key ring's location) is given."""
     if not stack:
-        raise ValueError("scan_stack needs a stack name")
+        raise ValueError("scan_stack needs a stack id")
     kinds = set(kinds)
     out: list[Leftover] = []
     if "gcs:bucket" in kinds:
@@ -68,7 +76,9 @@ def scan_stack(
         for b in client.list_buckets():
             if (b.labels or {}).get(GCP_STACK_LABEL) == stack:
                 out.append(Leftover("gcp", "gcs:bucket", b.name, region=b.location, is_data=True))
-    rest = kinds & {"compute:instance", "compute:disk", "iam:service-account"}
+    rest = kinds & _REST_KINDS
+    if not region:
+        rest.discard("kms:crypto-key")
     if rest:
         if session is None:
             session, default_project = _authed_session()
@@ -91,8 +101,27 @@ def scan_stack(
                 for sa in page.get("accounts", []):
                     if marker in (sa.get("description") or "").split():
                         out.append(Leftover("gcp", "iam:service-account", sa["email"]))
+        if "kms:crypto-key" in rest:
+            out += _scan_keys(session, project, str(region), filt)
     rank = {k: i for i, k in enumerate(REMOVAL_ORDER)}
     return sorted(out, key=lambda x: (rank.get(x.kind, 99), x.id))
+
+
+def _scan_keys(session: Any, project: str, region: str, filt: dict[str, str]) -> list[Leftover]:
+    found = []
+    for page in _pages(session, f"{KMS}/projects/{project}/locations/{region}/keyRings", {}):
+        for ring in page.get("keyRings", []):
+            for kpage in _pages(session, f"{KMS}/{ring['name']}/cryptoKeys", filt):
+                for key in kpage.get("cryptoKeys", []):
+                    if _live_versions(session, key["name"]):
+                        found.append(Leftover("gcp", "kms:crypto-key", key["name"], region=region, is_data=True,
+                                              detail="encrypts the artifact bucket"))
+    return found
+
+
+def _live_versions(session: Any, key: str) -> list[str]:
+    return [v["name"] for page in _pages(session, f"{KMS}/{key}/cryptoKeyVersions", {})
+            for v in page.get("cryptoKeyVersions", []) if v.get("state") in _LIVE_VERSION]
 
 
 def _pages(session: Any, url: str, params: dict[str, str]) -> Iterable[dict[str, Any]]:
@@ -128,7 +157,7 @@ def remove_leftovers(
         try:
             if x.kind == "gcs:bucket":
                 _delete_bucket(storage_client or _storage_client(project), x.id)
-            elif x.kind in ("compute:instance", "compute:disk", "iam:service-account"):
+            elif x.kind in _REST_KINDS:
                 if session is None:
                     session, default_project = _authed_session()
                     project = project or default_project
@@ -170,6 +199,14 @@ def bucket_usage(name: str, *, project: str | None = None, storage_client: Any |
 
 
 def _delete_rest(session: Any, project: str | None, x: Leftover, timeout_s: float) -> None:
+    if x.kind == "kms:crypto-key":
+        # no new versions after this (rotation off), then destroy every live one
+        resp = session.patch(f"{KMS}/{x.id}", params={"updateMask": "rotationPeriod,nextRotationTime"},
+                             json={}, timeout=60)
+        resp.raise_for_status()
+        for version in _live_versions(session, x.id):
+            session.post(f"{KMS}/{version}:destroy", json={}, timeout=60).raise_for_status()
+        return
     if x.kind == "iam:service-account":
         resp = session.delete(f"{IAM}/projects/{project}/serviceAccounts/{x.id}", timeout=60)
         resp.raise_for_status()
