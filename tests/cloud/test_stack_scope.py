@@ -139,3 +139,10 @@ def test_target_from_the_outputs_records_the_stack_id_and_teardown_uses_it(aws: 
     assert t.provisioner["stack_tag"] == sid and stack_of(t) == sid and bare_name_note(t) is None
     legacy = t.model_copy(update={"provisioner": {**t.provisioner, "stack_tag": "dev"}})
     assert "bare stack name 'dev'" in (bare_name_note(legacy) or "")
+
+
+@pytest.mark.parametrize("stack", ["dev", "Prod.EU_1", "x" * 100, "---", "team/a b"])
+def test_stack_ids_are_label_safe_and_tell_themselves_from_bare_names(stack: str) -> None:
+    sid = so.make_stack_id(cloud="gcp", account="p", region="r", organization="o", project="q", stack=stack)
+    assert re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", sid) and so.is_stack_id(sid)  # a GCP label value
+    assert not so.is_stack_id(stack) and not so.is_stack_id("prod-2")
