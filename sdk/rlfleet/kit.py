@@ -45,6 +45,7 @@ SKIP_SUFFIXES = (".pyc", ".pyo")
 # machine (a changed sha256 is what makes the stacks ship a new kit).
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest date a zip file can hold
 KEEP_BUILDS = 5
+KIT_FORMAT = "rlfleet-kit-2"  # bump when the build or the node constraints change shape
 # Where the clouds keep shipped kits in the stack's bucket (read-only for the nodes).
 KIT_OBJECT_PREFIX = "rlfleet/kit"
 _LOCAL_LABEL = re.compile(r"^([A-Za-z0-9_.\-\[\]]+\s*==\s*[^+;\s]+)\+[A-Za-z0-9.]+")
@@ -112,24 +113,43 @@ def source_files(root: Path) -> list[Path]:
 
 
 def source_digest(root: Path, files: list[Path] | None = None) -> str:
-    """sha256 over the relative paths and contents of the source files (the cache key)."""
+    """sha256 over the relative paths and contents of the source files and what shapes the node
+    constraints (the cache key)."""
     h = hashlib.sha256()
+    h.update(f"{KIT_FORMAT}\0{frozen_python()}\0".encode())
     for rel in files if files is not None else source_files(root):
         h.update(str(rel).encode() + b"\0")
         h.update(hashlib.sha256((root / rel).read_bytes()).digest())
     return h.hexdigest()
 
 
-def node_constraints(text: str) -> str:
-    """constraints.txt for the nodes: the same pins without local version labels.
+def frozen_python() -> str:
+    """The Python (major.minor) the pins of constraints.txt hold for: the one building the kit,
+    which in this repository's workflow is the venv the constraints were frozen from."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def node_constraints(text: str, python: str | None = None) -> str:
+    """constraints.txt for the nodes: the same pins without local version labels, each one only for
+    the Python it was frozen with.
 
     ``torch==2.13.0+cpu`` (the CPU build this checkout's venv uses) becomes ``torch==2.13.0``, which
     a GPU node satisfies with the CUDA build and a CPU host with the +cpu wheel (PEP 440: a pin
-    without a local label matches any local label)."""
+    without a local label matches any local label). A pin frozen on Python 3.11 may not exist for
+    another Python (numpy 2.4 has no Python 3.10 build, and Ubuntu 22.04 images run 3.10), so every
+    pin carries ``; python_version == "<that version>"``: elsewhere the dependencies resolve as
+    their own requirements allow, and the kit itself stays pinned by its sha256."""
+    marker = f'python_version == "{python or frozen_python()}"'
     lines = []
     for line in text.splitlines():
-        m = _LOCAL_LABEL.match(line.strip())
-        lines.append(m.group(1) if m else line)
+        bare = line.strip()
+        if not bare or bare.startswith(("#", "-")):
+            lines.append(line)
+            continue
+        m = _LOCAL_LABEL.match(bare)
+        req, _, old_marker = (m.group(1) + bare[m.end():] if m else bare).partition(";")
+        both = f"({old_marker.strip()}) and {marker}" if old_marker.strip() else marker
+        lines.append(f"{req.strip()} ; {both}")
     return "\n".join(lines) + "\n"
 
 

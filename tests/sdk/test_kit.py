@@ -57,13 +57,24 @@ def test_built_once_per_source_state_and_reproducible(tmp_path: Path) -> None:
         assert "rlfleet_agents/extra_module.py" in zf.namelist()
 
 
-def test_node_constraints_drop_local_labels_only() -> None:
-    text = "# comment\ntorch==2.13.0+cpu\nray==2.60.0\nnumpy==2.4.6 ; python_version >= '3.11'\n"
-    assert kitmod.node_constraints(text) == (
-        "# comment\ntorch==2.13.0\nray==2.60.0\nnumpy==2.4.6 ; python_version >= '3.11'\n")
+def test_node_constraints_drop_local_labels_and_hold_for_the_frozen_python_only() -> None:
+    text = "# comment\ntorch==2.13.0+cpu\nray==2.60.0\nnumpy==2.4.6 ; sys_platform == 'linux'\n"
+    assert kitmod.node_constraints(text, "3.11") == (
+        '# comment\ntorch==2.13.0 ; python_version == "3.11"\nray==2.60.0 ; python_version == "3.11"\n'
+        "numpy==2.4.6 ; (sys_platform == 'linux') and python_version == \"3.11\"\n")
     pins = kitmod.node_constraints((REPO / "constraints.txt").read_text())
-    assert "+cpu" not in pins and "\ntorch==2.13.0\n" in pins
+    assert "+cpu" not in pins and f'\ntorch==2.13.0 ; python_version == "{kitmod.frozen_python()}"\n' in pins
     assert not any(line.split("==")[0].lower() == "rlfleet" for line in pins.splitlines())
+
+
+def test_node_constraints_pin_the_frozen_python_and_leave_others_free() -> None:
+    """numpy 2.4 has no Python 3.10 build (Ubuntu 22.04 images): pins must not apply there."""
+    from pip._vendor.packaging.requirements import Requirement
+
+    line = kitmod.node_constraints("numpy==2.4.6\n", "3.11").strip()
+    req = Requirement(line)
+    assert req.marker.evaluate({"python_version": "3.11"}) is True
+    assert req.marker.evaluate({"python_version": "3.10"}) is False
 
 
 def test_cache_entry_that_no_longer_matches_is_rebuilt(tmp_path: Path) -> None:
