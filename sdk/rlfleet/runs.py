@@ -51,9 +51,18 @@ class Endpoint:
     url: str
     path: str
     token: str
+    ca_cert: str | None = None  # https endpoints (a target's TLS front): the CA file to verify it with
 
     def __repr__(self) -> str:
-        return f"Endpoint(url={self.url!r}, path={self.path!r}, token='***')"
+        return f"Endpoint(url={self.url!r}, path={self.path!r}, token='***', ca_cert={self.ca_cert!r})"
+
+    @property
+    def verify(self) -> Any:
+        """What an HTTP client (httpx ``verify=``, urllib ``context=``) checks the server with: an SSL
+        context trusting only the pinned CA when there is one, else the system's CAs."""
+        import ssl
+
+        return ssl.create_default_context(cafile=self.ca_cert) if self.ca_cert else ssl.create_default_context()
 
     @property
     def act_url(self) -> str:
@@ -246,7 +255,8 @@ class Run:
         ep = json.loads(arts.read_bytes("endpoint.json", allow_incomplete=True))
         from rlfleet.tokens import deploy_token
 
-        return Endpoint(url=ep["url"], path=ep["path"], token=deploy_token(self.run_id))
+        ca = self.target.ca_cert if ep["url"].startswith("https://") else None
+        return Endpoint(url=ep["url"], path=ep["path"], token=deploy_token(self.run_id), ca_cert=ca)
 
     def cancel(self) -> bool:
         """Stop the run (and its deployment, revoking its token). Idempotent: False if it had already ended."""

@@ -67,6 +67,15 @@ class Target(BaseModel):
             raise ValueError(_NAME_RULE)
         return v
 
+    @field_validator("env_vars")
+    @classmethod
+    def _env_vars(cls, v: dict[str, str]) -> dict[str, str]:
+        node_owned = sorted(k for k in v if k.startswith("RLFLEET_SERVE_TLS_"))
+        if node_owned:
+            raise ValueError(f"{', '.join(node_owned)} is set on the node by its TLS front (ansible tls_front), "
+                             "never by the submitting machine; remove it from env_vars")
+        return v
+
     @field_validator("token_source")
     @classmethod
     def _token_source(cls, v: str) -> str:

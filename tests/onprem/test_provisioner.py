@@ -67,6 +67,51 @@ def test_target_from_the_example_inventory(tmp_path):
     assert sum("DELETE artifact data /mnt/rlfleet/rlfleet" in p for p in plan) == 3  # one per node
 
 
+def test_serve_ports_come_from_the_inventory(tmp_path):
+    """The deploy ports the node's TLS front serves (tls_front_serve_ports) become the target's
+    serve_ports, which the envelope carries to deploy runs."""
+    tok = str(_token_file(tmp_path))
+    assert ansible_site.target_from("lab", inventory=str(EXAMPLE), token_file=tok).serve_ports == (
+        8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
+    inv = _inventory(tmp_path, "[ray_head]\nh1 rlfleet_address=10.9.0.1\n")
+    (inv / "group_vars/all/main.yml").write_text("tls_front_serve_ports: [9700, 9701, 9700]\n")
+    assert ansible_site.target_from("t", inventory=str(inv), token_file=tok).serve_ports == (9700, 9701)
+    (inv / "group_vars/all/main.yml").write_text("rlfleet_serve_ports: [80]\n")
+    with pytest.raises(ConfigError, match=r"rlfleet_serve_ports \[80\] must be a list of TCP ports 1024-65535"):
+        ansible_site.target_from("t", inventory=str(inv), token_file=tok)
+
+
+def test_the_tls_front_address_cannot_come_from_the_submitting_machine(tmp_path):
+    """A deploy run learns its public address from the node's Ray unit; a target's env_vars (which
+    override the node's environment in the job) may not set it."""
+    with pytest.raises(ValueError, match="RLFLEET_SERVE_TLS_ADDRESS is set on the node by its TLS front"):
+        ansible_site.target_from("lab", inventory=str(EXAMPLE), token_file=str(_token_file(tmp_path)),
+                                 env_vars={"RLFLEET_SERVE_TLS_ADDRESS": "198.51.100.7"})
+
+
+def test_an_https_endpoint_carries_the_targets_ca(tmp_path):
+    """Run.endpoint() of a deploy run behind a TLS front hands the client the pinned CA."""
+    import ssl
+
+    from rlfleet import RunSpec
+    from rlfleet.runs import Run
+    from rlfleet.tokens import deploy_token, new_deploy_token
+
+    t = ansible_site.target_from("lab", inventory=str(EXAMPLE), token_file=str(_token_file(tmp_path)),
+                                 client_artifact_root=f"file://{tmp_path / 'store'}")
+    run = Run("rl-1", t, spec=RunSpec(kind="deploy", source="rl-0"))
+    new_deploy_token("rl-1")
+    token = deploy_token("rl-1")
+    run.artifacts().write_json("endpoint.json", {"url": "https://10.20.0.11:8600", "path": "/v1/policies/p:act"})
+    ep = run.endpoint()
+    assert ep.act_url == "https://10.20.0.11:8600/v1/policies/p:act" and ep.token == token
+    assert ep.ca_cert == t.ca_cert and token not in repr(ep)
+    with pytest.raises(FileNotFoundError):  # the example site has no pki/ yet: the CA file is really used
+        ep.verify  # noqa: B018
+    run.artifacts().write_json("endpoint.json", {"url": "http://127.0.0.1:8600", "path": "/x"})
+    assert run.endpoint().ca_cert is None and isinstance(run.endpoint().verify, ssl.SSLContext)
+
+
 def test_token_from_the_vault_is_saved_owner_only(tmp_path):
     inv = _inventory(tmp_path, """\
         [ray_head]

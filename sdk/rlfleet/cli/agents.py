@@ -78,7 +78,7 @@ def _bench_endpoint(ep: Any, n: int) -> dict[str, Any]:
     obs = [[0.01, -0.02, 0.03, 0.0]]
     lat: list[float] = []
     actions: list[int] = []
-    with httpx.Client(headers={"Authorization": f"Bearer {ep.token}"}, timeout=10) as c:
+    with httpx.Client(headers={"Authorization": f"Bearer {ep.token}"}, timeout=10, verify=ep.verify) as c:
         for i in range(n + 20):
             t0 = time.perf_counter()
             r = c.post(ep.act_url, json={"observations": obs})
@@ -87,7 +87,7 @@ def _bench_endpoint(ep: Any, n: int) -> dict[str, Any]:
             if i >= 20:  # warm-up excluded
                 lat.append(dt)
                 actions.append(r.json()["actions"][0])
-        unauth = httpx.post(ep.act_url, json={"observations": obs}, timeout=10).status_code
+        unauth = httpx.post(ep.act_url, json={"observations": obs}, timeout=10, verify=ep.verify).status_code
     return {"requests": n, "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * _percentile(lat, 99),
             "client_req_per_s": n / sum(lat), "unauthenticated_status": unauth, "sample_action": actions[0]}
 
