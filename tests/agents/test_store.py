@@ -1,5 +1,5 @@
-"""A run against an s3:// artifact root (real moto server): metrics.jsonl is rewritten (no append
-on object stores), manifest committed last; and a PPO checkpoint + resume through s3."""
+"""A run against an s3:// artifact root (real moto server): metrics go out as segments while it runs
+and as one metrics.jsonl at the end, manifest committed last; and a PPO checkpoint + resume through s3."""
 
 from __future__ import annotations
 
