@@ -171,6 +171,8 @@ Wants=network-online.target
 [Service]
 User=rlfleet
 EnvironmentFile=/etc/rlfleet/ray.env
+# Ray runs the SDK's job entrypoint ("python -m rlfleet_agents.run") with this PATH: the kit's venv
+Environment=PATH=/opt/rlfleet/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 ExecStart=/opt/rlfleet/venv/bin/ray start --block ${ray_args} --node-ip-address=${NODE_IP} --metrics-export-port=8080
 ExecStop=/opt/rlfleet/venv/bin/ray stop
 Restart=on-failure
