@@ -74,7 +74,8 @@ def test_requirements_file_and_local_wheels_become_cluster_paths(tmp_path) -> No
     (tmp_path / "wheels" / "sim-1.0-py3-none-any.whl").write_bytes(b"PK")
     (tmp_path / "requirements.txt").write_text("# deps\nnumpy>=1.20  # inline\n\n./wheels/sim-1.0-py3-none-any.whl\n")
     spec = RunSpec(kind="train", code=str(tmp_path), requirements="requirements.txt")
-    assert requirements(spec) == ["numpy>=1.20", "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/wheels/sim-1.0-py3-none-any.whl"]
+    wheel = "${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/wheels/sim-1.0-py3-none-any.whl"
+    assert requirements(spec) == ["numpy>=1.20", wheel]
     assert requirements(RunSpec(kind="train")) is None
 
 
