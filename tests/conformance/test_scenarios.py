@@ -64,14 +64,14 @@ def test_ppo_train_eval_deploy_act(tgt: ConformanceTarget) -> None:
         obs = [[0.0, 0.0, 0.0, 0.0], [0.01, -0.2, 0.03, 0.3]]
         try:
             # the endpoint as the deploy run publishes it, reached from the submitting machine
-            resp = httpx.post(ep.act_url, json={"observations": obs},
+            resp = httpx.post(ep.act_url, json={"observations": obs}, verify=ep.verify,
                               headers={"Authorization": f"Bearer {ep.token}"}, timeout=15)
         except httpx.TransportError as err:
             pytest.fail(f"the deploy endpoint {ep.act_url} is not reachable from the submitting machine: {err!r}")
         assert resp.status_code == 200, resp.text
         actions = resp.json()["actions"]
         assert len(actions) == 2 and all(a in (0, 1) for a in actions)
-        assert httpx.post(ep.act_url, json={"observations": obs}, timeout=15).status_code == 401
+        assert httpx.post(ep.act_url, json={"observations": obs}, verify=ep.verify, timeout=15).status_code == 401
     finally:
         dep.cancel()
     # wait() returns a deploy run once it serves: poll until the stop is complete
