@@ -305,13 +305,39 @@ def run_deploy(ctx: RunContext, start: float) -> int:
     name = spec.deploy.name or spec.name or src.run_id.lower()
     metrics = RayMetrics(ctx.labels)
     app = PolicyApp(policy, name, token_sha256, on_request=metrics.record_request)
-    sock = bind_socket(spec.deploy.host, spec.deploy.port, list(ctx.envelope.serve_ports))
+    # The node's TLS front (on-prem: set in the Ray unit by ansible, inherited by every job): nginx
+    # serves https://<address>:<p> for a server on 127.0.0.1:<p>; plain http stays on loopback.
+    front_host = os.environ.get("RLFLEET_SERVE_TLS_ADDRESS", "").strip()
+    front_ports = [int(p) for p in os.environ.get("RLFLEET_SERVE_TLS_PORTS", "").split(",") if p.strip()]
+    if front_host and front_ports:
+        if spec.deploy.host != "127.0.0.1":
+            raise RunError(f"deploy.host {spec.deploy.host}: on this target the policy server binds 127.0.0.1 and "
+                           f"is reached over TLS through the node's front at {front_host}; remove deploy.host")
+        if spec.deploy.port and spec.deploy.port not in front_ports:
+            raise RunError(f"deploy.port {spec.deploy.port} is not one of this node's deploy ports {front_ports} "
+                           "(tls_front_serve_ports); remove deploy.port or pick one of them")
+        wanted = [spec.deploy.port] if spec.deploy.port else (
+            [p for p in ctx.envelope.serve_ports if p in front_ports] or front_ports)
+        sock = None
+        for p in wanted:  # never a port outside the front: it would not be reachable
+            try:
+                sock = bind_socket("127.0.0.1", p, [])
+                break
+            except OSError:
+                continue
+        if sock is None:
+            raise RunError(f"all deploy ports {wanted} of node {front_host} are in use: cancel a deployment, "
+                           "or add ports to tls_front_serve_ports and converge")
+    else:
+        sock = bind_socket(spec.deploy.host, spec.deploy.port, list(ctx.envelope.serve_ports))
     host, port = sock.getsockname()[:2]
     wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - detecting it, not binding it
-    url_host = socket.gethostbyname(socket.gethostname()) if wildcard else host
+    url_host = front_host if front_host and front_ports else (
+        socket.gethostbyname(socket.gethostname()) if wildcard else host)
     if ":" in url_host:
         url_host = f"[{url_host}]"
-    endpoint = {"url": f"http://{url_host}:{port}", "path": app.path, "policy": name,
+    scheme = "https" if front_host and front_ports else "http"
+    endpoint = {"url": f"{scheme}://{url_host}:{port}", "path": app.path, "policy": name,
                 "policy_sha256": policy.sha256, "pid": os.getpid(), "source_run": src.run_id}
 
     def started() -> None:

@@ -228,6 +228,78 @@ def test_prometheus_scraped_the_runs_episode_return(onprem, node):
     assert float(result[0]["value"][1]) > 0
 
 
+# -- a deployment behind the node's TLS front -----------------------------------------------------
+
+def test_a_deployment_is_served_over_the_nodes_tls_front_with_its_own_token(onprem, target, node):
+    """Issue 10.7 (remote half): the deploy run binds 127.0.0.1 on the node; nginx serves it over
+    TLS (cluster CA) on the node's address; the deployment's own token opens it and nothing else."""
+    import httpx
+
+    from rlfleet import RunSpec, RunStatus, submit_run
+    from rlfleet.errors import RlfleetError
+
+    run_id = onprem.figures.get("run_id")
+    assert run_id, "the training run did not complete"
+    assert target.serve_ports == ansible_site.DEFAULT_SERVE_PORTS  # read from the inventory
+    ip = onprem.host.ip
+    body = {"observations": [[0.0, 0.0, 0.0, 0.0], [0.01, -0.2, 0.03, 0.3]]}
+    # plain HTTP on a routable address is refused before anything listens
+    bad = submit_run(RunSpec(kind="deploy", source=run_id, deploy={"host": "0.0.0.0"}), target=target)
+    assert bad.wait(timeout=300) is RunStatus.FAILED
+    assert "deploy.host 0.0.0.0: on this target the policy server binds 127.0.0.1" in (bad.failure_reason() or "")
+
+    t0 = time.monotonic()
+    dep = submit_run(RunSpec(kind="deploy", source=run_id, deploy={"name": "onprem-tls"}), target=target)
+    try:
+        assert dep.wait(timeout=300) is RunStatus.RUNNING, dep.failure_reason()
+        ep = dep.endpoint()
+        onprem.figures["deploy_serving_s"] = round(time.monotonic() - t0, 1)
+        scheme, _, port_s = ep.url.rpartition(":")
+        port = int(port_s)
+        assert scheme == f"https://{ip}" and port in target.serve_ports, ep.url  # learnt from the node
+        assert ep.ca_cert == target.ca_cert
+        auth = {"Authorization": f"Bearer {ep.token}"}
+        with httpx.Client(verify=ep.verify, timeout=15) as c:  # TLS, pinned cluster CA, over the veth
+            t1 = time.monotonic()
+            r = c.post(ep.act_url, json=body, headers=auth)
+            onprem.figures["deploy_first_act_ms"] = round(1000 * (time.monotonic() - t1), 1)
+            assert r.status_code == 200, r.text
+            actions = r.json()["actions"]
+            assert len(actions) == 2 and all(a in (0, 1) for a in actions)
+            cluster = {"Authorization": f"Bearer {onprem.site.token}"}
+            assert c.post(ep.act_url, json=body, headers=cluster).status_code == 403  # not the cluster's token
+            assert c.post(ep.act_url, json=body).status_code == 401
+            # the deployment's token does not open the Ray API
+            assert c.get(f"{target.ray_address}/api/jobs/", headers=auth).status_code in (401, 403)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # only the cluster CA is trusted
+            httpx.post(ep.act_url, json=body, headers=auth, timeout=15, verify=ssl.create_default_context())
+        # plain HTTP to the TLS port: nginx refuses it, nothing reaches the policy
+        r = httpx.post(f"http://{ip}:{port}{ep.path}", json=body, headers=auth, timeout=15)
+        assert r.status_code == 400 and "actions" not in r.text, r.text
+        # the policy server listens on loopback only, nginx on the node's address
+        listen = [ln for ln in node.check_output("ss -Hltnp").splitlines() if f":{port} " in ln]
+        assert any(f"127.0.0.1:{port} " in ln and "python" in ln for ln in listen), listen
+        assert any(f"{ip}:{port} " in ln and "nginx" in ln for ln in listen), listen
+        assert len(listen) == 2, listen
+        # every deploy port is open to the admin network (the firewall) and speaks TLS only
+        for p in target.serve_ports:
+            socket.create_connection((ip, p), timeout=3).close()
+        unit = node.file("/etc/systemd/system/rlfleet-ray-head.service").content_string
+        assert f"RLFLEET_SERVE_TLS_ADDRESS={ip}" in unit
+    finally:
+        dep.cancel()
+    deadline = time.monotonic() + 120
+    while not dep.status().is_terminal():
+        assert time.monotonic() < deadline, "the deploy run did not stop within 120 s of cancel()"
+        time.sleep(1)
+    assert dep.status() is RunStatus.CANCELLED
+    with pytest.raises(RlfleetError, match="no token for deployment"):  # revoked on this machine
+        dep.endpoint()
+    # the endpoint stops answering: nginx has nothing behind the port any more
+    r = httpx.post(ep.act_url, json=body, headers=auth, timeout=15, verify=ep.verify)
+    assert r.status_code == 502 and "actions" not in r.text
+
+
 # -- teardown -------------------------------------------------------------------------------------
 
 def test_teardown_removes_the_runtime_and_keeps_the_data(onprem, target, node):
