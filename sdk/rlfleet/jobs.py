@@ -88,6 +88,11 @@ class JobsClient:
                 ) from None
             if err.code == 404 and ok404:
                 return 404, payload
+            if err.code in (502, 503, 504):  # a front end (nginx on an on-prem node) whose Ray head is down
+                raise ClusterUnreachable(
+                    f"the Ray head of target {self.target_name!r} is not answering: {self.address} "
+                    f"answered HTTP {err.code} (the head behind it is down or restarting)"
+                ) from None
             text = payload.decode(errors="replace").strip()[:500]
             raise RlfleetError(f"Ray at {self.address} answered HTTP {err.code} to {method} {path}: {text}") from None
         except ssl.SSLError as err:

@@ -120,8 +120,10 @@ def test_unreachable_and_wrong_token_targets(tmp_path: Path) -> None:
         env=env,
     )
     assert res.returncode == 0, res.stderr
-    res = cli("runs", "--target", "dead", env=env)
+    res = cli("status", "rl-x", "--target", "dead", env=env)
     assert res.returncode == 3 and "cannot reach the Ray cluster of target 'dead'" in res.stderr
+    res = cli("runs", "--target", "dead", env=env)  # the head is down: its store is listed instead
+    assert res.returncode == 0 and "cannot reach the Ray cluster of target 'dead'" in res.stderr
     res = cli("target", "list", "--json", env=env)
     names = [t["name"] for t in json.loads(res.stdout)]
     assert names == ["local", "dead"]
@@ -190,3 +192,44 @@ def test_stored_runs_report_a_damaged_manifest_as_a_damaged_run(tmp_path: Path) 
     assert docs[good.run_id]["state"] == "complete" and docs[good.run_id]["wall_time_s"] == 3.0
     res = cli("runs", "--stored", env=env)
     assert res.returncode == 0 and "DAMAGED" in res.stdout and "good" in res.stdout, res.stderr
+
+
+def test_runs_of_a_target_whose_head_is_down_lists_its_store(tmp_path: Path) -> None:
+    """A remote head behind a front end (nginx on an on-prem node) that is down answers 502: the
+    cluster is unreachable, and 'rlfleet runs' lists the target's artifact store instead."""
+    import http.server
+    import threading
+
+    from rlfleet.artifacts import ArtifactStore
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(502)
+            self.end_headers()
+            self.wfile.write(b"<html><center><h1>502 Bad Gateway</h1></center></html>")
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Front)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    store = ArtifactStore(f"file://{tmp_path}/art")
+    done = store.run("rl-20260101-000000-aaaaaa")
+    done.write_json("spec.json", {"kind": "train", "name": "on-the-nas"})
+    done.commit(extra={"wall_time_s": 3.0, "gpu_hours": 0.0})
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    token.chmod(0o600)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+    try:
+        res = cli("target", "add", "ray", "--name", "behind-nginx", "--address",
+                  f"http://127.0.0.1:{srv.server_address[1]}", "--token-file", str(token),
+                  "--artifact-root", f"file://{tmp_path}/art", env=env)
+        assert res.returncode == 0, res.stderr
+        res = cli("runs", "--json", "--target", "behind-nginx", env=env)
+    finally:
+        srv.shutdown()
+    assert res.returncode == 0, res.stderr
+    assert [(d["run_id"], d["complete"], d["name"]) for d in json.loads(res.stdout)] == [
+        ("rl-20260101-000000-aaaaaa", True, "on-the-nas")]
+    assert "HTTP 502" in res.stderr and "artifact store" in res.stderr

@@ -206,13 +206,15 @@ def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> Non
     if not stored:
         try:
             runs = list_runs(tgt)[:limit]
-        except (ClusterUnreachable, AuthError):
-            if tgt.kind != "local":
+        except (ClusterUnreachable, AuthError) as err:
+            if tgt.kind != "local" and not isinstance(err, ClusterUnreachable):
                 raise
-            stored = True  # the local head is not running: show what its artifact store holds
-            if not as_json:
-                click.echo("the local Ray head is not running (start it with 'rlfleet local up'); "
-                           "runs in its artifact store:", err=True)
+            stored = True  # the head is down: show what the target's artifact store holds
+            if tgt.kind == "local":
+                note = "the local Ray head is not running (start it with 'rlfleet local up')"
+            else:
+                note = str(err)
+            click.echo(f"{note}; runs in its artifact store {tgt.reader_artifact_root}:", err=True)
     if stored:
         _print_stored_runs(tgt, limit, as_json)
         return
