@@ -1,0 +1,498 @@
+"""The ``aws-node`` conformance target: throwaway Debian hosts booted from exactly the user data
+the AWS Pulumi program renders (captured through tests/cloud's Pulumi mocks), run as cloud-init's
+``write_files`` + ``runcmd`` would run it, with the cloud played by real local servers:
+
+- a moto server bound to the bridge's host address (S3 with the SSE-KMS stack bucket holding the
+  kit objects, KMS, Secrets Manager with the Ray token, STS);
+- an EC2 instance-metadata server on 169.254.169.254:80 (an address of the bridge only): IMDSv2
+  tokens, instance id, local-ipv4, region, and the instance role's credentials from moto's STS;
+- the hosts on one private bridge (no forwarding, no NAT) with the addresses the stack outputs
+  name: the head at the mocks' private ip 10.42.1.10 and its Elastic IP 198.51.100.7 (a /32 route
+  on this machine to the head over the bridge), the worker joining the head's private ip.
+
+What stands for the AWS machine image (a DLAMI has these; minbase Debian does not): python3-venv,
+the AWS CLI, a pip configuration reaching PyPI through the test proxy with the CPU torch wheel in
+--find-links, and ``AWS_CONFIG_FILE`` naming an endpoint_url (the moto server) for every service.
+The CloudWatch agent cannot be downloaded here: the bootstrap logs that and continues.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import http.server
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from onprem.throwaway import CACHE_DIR, VENV_BIN, ThrowawayHost, _run
+
+from .targets import ConformanceTarget, wait_jobs_api
+
+REPO = Path(__file__).resolve().parents[2]
+BRIDGE_NET = "10.42.1"  # the stack's subnet as the mocks give it (head private ip 10.42.1.10)
+HOST_SIDE = f"{BRIDGE_NET}.1"
+HEAD_PRIVATE_IP = f"{BRIDGE_NET}.10"
+WORKER_PRIVATE_IP = f"{BRIDGE_NET}.11"
+IMDS_IP = "169.254.169.254"
+REGION = "us-east-1"
+LOCK = CACHE_DIR / "aws-node.lock"  # one aws-node cluster per machine: the addresses are fixed
+TORCH_WHEELS = Path("/opt/wheels")
+
+
+# -- the rendered stack -----------------------------------------------------------------------
+
+@dataclass
+class Rendered:
+    head_user_data: str
+    worker_user_data: list[str]
+    outputs: dict[str, Any]
+    bucket: str
+    secret_arn: str
+    head_public_ip: str
+    head_instance: str
+    worker_instances: list[str]
+
+    @property
+    def stack(self) -> str:
+        """The stack name the bootstrap carries (its STACK parameter)."""
+        script = yaml.safe_load(self.head_user_data)["write_files"][0]["content"]
+        m = re.search(r"^STACK='([^']*)'", script, re.M)
+        assert m, "no STACK parameter in the rendered user data"
+        return m.group(1)
+
+
+def render_stack(worker_count: int = 1) -> Rendered:
+    """Run the AWS program under tests/cloud's Pulumi mocks; return what it renders."""
+    from cloud.conftest import build  # importing it sets the process's Pulumi mocks (once)
+
+    def program() -> dict:
+        from rlfleet_aws.cluster import RayGpuCluster
+        from rlfleet_aws.config import load_settings
+
+        s = load_settings()
+        return RayGpuCluster(f"rlfleet-{s.stack}", s).outputs
+
+    built = build(program, {"rlfleet-aws:admin_cidrs": '["203.0.113.0/24"]',
+                            "rlfleet-aws:worker_count": str(worker_count)})
+    insts = built.of("aws:ec2/instance:Instance")
+    head = next(i for i in insts if i.inputs["tags"]["rlfleet:role"] == "head")
+    workers = [i for i in insts if i.inputs["tags"]["rlfleet:role"] == "worker"]
+    return Rendered(
+        head_user_data=head.inputs["userData"],
+        worker_user_data=[w.inputs["userData"] for w in workers],
+        outputs=built.outputs,
+        bucket=built.one("aws:s3/bucket:Bucket").state["bucket"],
+        secret_arn=built.one("aws:secretsmanager/secret:Secret").state["arn"],
+        head_public_ip=built.one("aws:ec2/eip:Eip").state["publicIp"],
+        head_instance=str(built.outputs["head_instance"]),
+        worker_instances=[str(w) for w in built.outputs.get("worker_instances") or []],
+    )
+
+
+# -- the cloud APIs ---------------------------------------------------------------------------
+
+class Cloud:
+    """moto on the bridge's host address and the instance-metadata server on 169.254.169.254."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.moto: subprocess.Popen | None = None
+        self.endpoint = ""
+        self.imds: http.server.ThreadingHTTPServer | None = None
+        self.instances: dict[str, dict[str, str]] = {}  # node ip -> {instance-id, role}
+        self.imds_requests: list[tuple[str, str, int]] = []  # (client ip, path, status)
+
+    def start_moto(self) -> str:
+        with socket.socket() as s:
+            s.bind((HOST_SIDE, 0))
+            port = s.getsockname()[1]
+        log = (self.workdir / "moto.log").open("w")
+        self.moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", HOST_SIDE, "-p", str(port)],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.endpoint = f"http://{HOST_SIDE}:{port}"
+        _wait_tcp(HOST_SIDE, port, 60)
+        return self.endpoint
+
+    def start_imds(self) -> None:
+        cloud = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            tokens: ClassVar[set[str]] = set()
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: str = "") -> None:
+                cloud.imds_requests.append((self.client_address[0], self.path, status))
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self) -> None:  # IMDSv2: a session token first
+                if self.path != "/latest/api/token" or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self._send(400)
+                tok = secrets.token_urlsafe(24)
+                Handler.tokens.add(tok)
+                self._send(200, tok)
+
+            def do_GET(self) -> None:
+                if self.headers.get("X-aws-ec2-metadata-token") not in Handler.tokens:
+                    return self._send(401)  # httpTokens=required: no IMDSv1
+                inst = cloud.instances.get(self.client_address[0])
+                if inst is None:
+                    return self._send(404)
+                body = cloud.metadata(inst, self.path.removeprefix("/latest/meta-data/").rstrip("/"))
+                self._send(200, body) if body is not None else self._send(404)
+
+        self.imds = http.server.ThreadingHTTPServer((IMDS_IP, 80), Handler)
+        threading.Thread(target=self.imds.serve_forever, daemon=True).start()
+
+    def metadata(self, inst: dict[str, str], path: str) -> str | None:
+        role = "rlfleet-node"
+        if path == "iam/security-credentials":
+            return role
+        if path == f"iam/security-credentials/{role}":
+            import boto3
+
+            sts = boto3.client("sts", endpoint_url=self.endpoint, region_name=REGION,
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+            c = sts.assume_role(RoleArn=f"arn:aws:iam::123456789012:role/{role}",
+                                RoleSessionName=inst["instance-id"])["Credentials"]
+            return json.dumps({"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": c["AccessKeyId"],
+                               "SecretAccessKey": c["SecretAccessKey"], "Token": c["SessionToken"],
+                               "Expiration": c["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+                               "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return {"instance-id": inst["instance-id"], "local-ipv4": inst["ip"],
+                "placement/region": REGION, "placement/availability-zone": REGION + "a",
+                "iam/info": json.dumps({"Code": "Success", "InstanceProfileArn":
+                                        f"arn:aws:iam::123456789012:instance-profile/{role}"})}.get(path)
+
+    def stop(self) -> None:
+        if self.imds is not None:
+            self.imds.shutdown()
+            self.imds.server_close()
+        if self.moto is not None and self.moto.poll() is None:
+            self.moto.terminate()
+            self.moto.wait(10)
+
+
+def _wait_tcp(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+# -- the hosts --------------------------------------------------------------------------------
+
+class AwsNodeHost(ThrowawayHost):
+    """A throwaway host on the cluster bridge (not a /30 of its own), with the node's private ip."""
+
+    def __init__(self, workdir: Path, *, bridge: str, ip: str, extra_ips: tuple[str, ...] = ()) -> None:
+        super().__init__(workdir)
+        self.bridge = bridge
+        self.host_ip = HOST_SIDE
+        self.ip = ip
+        self.extra_ips = extra_ips
+
+    def _prepare_root(self) -> None:
+        super()._prepare_root()
+        # the "machine image": every service (and the cloud-init run) finds the cloud's endpoints here
+        d = self.root / "etc/systemd/system.conf.d"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "aws.conf").write_text("[Manager]\nDefaultEnvironment=AWS_CONFIG_FILE=/etc/aws/config\n")
+        if TORCH_WHEELS.is_dir():
+            dst = self.root / "opt/wheels"
+            dst.mkdir(parents=True, exist_ok=True)
+            for w in TORCH_WHEELS.glob("torch-*+cpu-*.whl"):
+                with contextlib.suppress(OSError):
+                    os.link(w, dst / w.name)
+                if not (dst / w.name).exists():
+                    shutil.copy2(w, dst / w.name)
+
+    def _network(self) -> None:
+        _run("ip", "link", "set", self.veth, "master", self.bridge)
+        _run("ip", "link", "set", self.veth, "up")
+        self.nsexec("ip", "addr", "add", f"{self.ip}/24", "dev", "host0")
+        for extra in self.extra_ips:
+            self.nsexec("ip", "addr", "add", f"{extra}/32", "dev", "host0")
+        self.nsexec("ip", "link", "set", "host0", "up")
+        self.nsexec("ip", "route", "add", "default", "via", HOST_SIDE)
+
+    def write_image_config(self, endpoint: str) -> None:
+        aws = self.path("/etc/aws/config")
+        aws.parent.mkdir(parents=True, exist_ok=True)
+        aws.write_text(f"[default]\nregion = {REGION}\nendpoint_url = {endpoint}\n")
+        aws.chmod(0o644)
+        self.path("/etc/pip.conf").write_text(
+            f"[global]\nproxy = {self.proxy_url}\ncert = /etc/ssl/certs/ca-certificates.crt\n"
+            "find-links = /opt/wheels\n")
+
+    def install_image_packages(self) -> None:
+        """What the DLAMI has and minbase lacks: python3-venv and the AWS CLI."""
+        proxy = [f"-oAcquire::http::Proxy={self.proxy_url}", f"-oAcquire::https::Proxy={self.proxy_url}"]
+        self.nsexec("apt-get", *proxy, "-qq", "update", timeout=600)
+        self.nsexec("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *proxy, "-qq", "-y",
+                    "--no-install-recommends", "install", "python3-venv", timeout=600)
+        self.nsexec("python3", "-m", "venv", "/usr/local/aws-cli", timeout=300)
+        self.nsexec("/usr/local/aws-cli/bin/pip", "install", "-q", "--disable-pip-version-check", "awscli",
+                    timeout=900)
+        self.nsexec("ln", "-sf", "/usr/local/aws-cli/bin/aws", "/usr/local/bin/aws")
+
+    def cloud_init(self, user_data: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """cloud-init's write_files + runcmd for this user data, as cloud-final runs it (a systemd
+        service with the manager's default environment), returning the bootstrap's exit."""
+        assert user_data.startswith("#cloud-config\n")
+        doc = yaml.safe_load(user_data)
+        assert set(doc) == {"write_files", "runcmd"}, f"unexpected cloud-config keys {sorted(doc)}"
+        for f in doc["write_files"]:
+            p = self.path(f["path"])
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(f["content"])
+            p.chmod(int(f["permissions"], 8))
+            os.chown(p, 0, 0)
+        script = self.path("/var/lib/cloud/rlfleet-runcmd.sh")
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text("#!/bin/sh\n" + "".join(" ".join(cmd) + "\n" for cmd in doc["runcmd"]))
+        script.chmod(0o700)
+        return self.nsexec("systemd-run", "--wait", "--collect", "--quiet", "--unit=cloud-final-rlfleet",
+                           "-p", "Type=oneshot", "-p", f"TimeoutStartSec={int(timeout)}",
+                           "/var/lib/cloud/rlfleet-runcmd.sh", check=False, timeout=timeout + 60)
+
+
+# -- the cluster ------------------------------------------------------------------------------
+
+@dataclass
+class AwsNodeCluster:
+    workdir: Path
+    rendered: Rendered
+    cloud: Cloud
+    bridge: str
+    head: AwsNodeHost
+    workers: list[AwsNodeHost] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    token: str = ""
+    lock_fd: int = -1
+
+    @property
+    def hosts(self) -> list[AwsNodeHost]:
+        return [self.head, *self.workers]
+
+    def bootstrap_log(self, host: AwsNodeHost) -> str:
+        p = host.path("/var/log/rlfleet-bootstrap.log")
+        return p.read_text() if p.exists() else ""
+
+    def stop(self) -> None:
+        for h in self.hosts:
+            with contextlib.suppress(Exception):
+                h.stop()
+        self.cloud.stop()
+        _run("ip", "route", "del", f"{self.rendered.head_public_ip}/32", check=False)
+        _run("ip", "link", "del", self.bridge, check=False)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+
+
+def _provision(cl: AwsNodeCluster, h: AwsNodeHost, user_data: str) -> None:
+    t0 = time.monotonic()
+    h.install_image_packages()
+    cl.timings[f"{h.ip} image"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    r = h.cloud_init(user_data)
+    cl.timings[f"{h.ip} bootstrap"] = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"the bootstrap on {h.ip} failed ({r.returncode}): {r.stdout[-500:]} "
+                           f"{r.stderr[-500:]}\n{cl.bootstrap_log(h)[-4000:]}")
+
+
+def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> AwsNodeCluster:
+    """Render the stack, start the cloud, boot head (+ workers) and run their user data."""
+    import boto3
+
+    from rlfleet.kit import build_kit
+
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another session's aws-node cluster uses the same addresses
+    t_all = time.monotonic()
+    rendered = render_stack(worker_count=workers)
+    from rlfleet_cloud.kit import kit_keys  # on sys.path once tests/cloud's harness is imported
+
+    kit = build_kit(REPO)
+    bridge = "rlfbr" + secrets.token_hex(3)
+    cloud = Cloud(workdir)
+    head = AwsNodeHost(workdir / "head", bridge=bridge, ip=HEAD_PRIVATE_IP, extra_ips=(rendered.head_public_ip,))
+    wk = [AwsNodeHost(workdir / f"worker{i}", bridge=bridge, ip=f"{BRIDGE_NET}.{11 + i}") for i in range(workers)]
+    cl = AwsNodeCluster(workdir, rendered, cloud, bridge, head, wk, lock_fd=fd)
+    try:
+        _run("ip", "link", "add", bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{HOST_SIDE}/24", "dev", bridge)
+        _run("ip", "addr", "add", f"{IMDS_IP}/32", "dev", bridge)
+        _run("ip", "link", "set", bridge, "up")
+        cloud.start_moto()
+        cloud.start_imds()
+        # the stack's resources the nodes use, as 'pulumi up' leaves them (names from the mocks)
+        creds = {"endpoint_url": cloud.endpoint, "region_name": REGION,
+                 "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        key_arn = boto3.client("kms", **creds).create_key(Description="rlfleet stack key")["KeyMetadata"]["Arn"]
+        s3 = boto3.client("s3", **creds)
+        s3.create_bucket(Bucket=rendered.bucket)
+        for k, path in zip(kit_keys(kit), (kit.wheel, kit.constraints), strict=True):
+            s3.put_object(Bucket=rendered.bucket, Key=k, Body=path.read_bytes(), ServerSideEncryption="aws:kms",
+                          SSEKMSKeyId=key_arn)
+        cl.token = secrets.token_urlsafe(32)
+        sm = boto3.client("secretsmanager", **creds)
+        sm.create_secret(Name=rendered.secret_arn.split(":secret:")[1], SecretString=cl.token, KmsKeyId=key_arn)
+        assert sm.get_secret_value(SecretId=rendered.secret_arn)["SecretString"] == cl.token
+        for h, iid in zip(cl.hosts, [rendered.head_instance, *rendered.worker_instances], strict=False):
+            cloud.instances[h.ip] = {"instance-id": iid, "ip": h.ip}
+        for h in cl.hosts:
+            t0 = time.monotonic()
+            h.start(log=log)
+            h.write_image_config(cloud.endpoint)
+            cl.timings[f"{h.ip} boot"] = time.monotonic() - t0
+        _run("ip", "route", "add", f"{rendered.head_public_ip}/32", "via", HEAD_PRIVATE_IP, "dev", bridge)
+        # the instances come up together, as 'pulumi up' launches them; a worker's Ray retries
+        # joining until the head serves (its unit restarts)
+        with concurrent.futures.ThreadPoolExecutor(len(cl.hosts)) as pool:
+            for fut in [pool.submit(_provision, cl, h, ud)
+                        for h, ud in zip(cl.hosts, [rendered.head_user_data, *rendered.worker_user_data],
+                                         strict=True)]:
+                fut.result()
+        cl.timings["total"] = time.monotonic() - t_all
+        return cl
+    except BaseException:
+        cl.stop()
+        raise
+
+
+# -- the CloudWatch agent's part, played here --------------------------------------------------
+
+class MetricsForwarder:
+    """What the CloudWatch agent does with the config the bootstrap wrote (it cannot be installed
+    here): scrape each node's Ray Prometheus endpoint named in /opt/rlfleet/monitoring/prometheus.yaml,
+    keep the series its relabel rule keeps, and put the EMF-declared rlfleet metrics into CloudWatch
+    (moto) under the stack's namespace with the run_id dimension."""
+
+    def __init__(self, cluster: AwsNodeCluster, namespace: str, interval: float = 5.0) -> None:
+        import boto3
+
+        self.cluster = cluster
+        self.namespace = namespace
+        self.interval = interval
+        self.cw = boto3.client("cloudwatch", endpoint_url=cluster.cloud.endpoint, region_name=REGION,
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.stop_event = threading.Event()
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> MetricsForwarder:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30)
+
+    def _targets(self) -> list[tuple[str, str, list[str]]]:
+        out = []
+        for h in self.cluster.hosts:
+            p = h.path("/opt/rlfleet/monitoring/prometheus.yaml")
+            agent = h.path("/opt/rlfleet/monitoring/cwagent.json")
+            if not p.exists() or not agent.exists():
+                continue
+            prom = yaml.safe_load(p.read_text())
+            decl = json.loads(agent.read_text())["logs"]["logs_collected"]["prometheus"]["emf_processor"]
+            selectors = [s for d in decl["metric_declaration"] if d["dimensions"] == [["run_id"]]
+                         for s in d["metric_selectors"]]
+            for sc in prom["scrape_configs"]:
+                keep = sc["metric_relabel_configs"][0]["regex"]
+                for t in (t for c in sc["static_configs"] for t in c["targets"]):
+                    out.append((t, keep, selectors))
+        return out
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                self._forward_once()
+            except Exception as err:  # kept for the assertion message, never silent
+                self.errors.append(repr(err))
+
+    def _forward_once(self) -> None:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for target, keep, selectors in self._targets():
+            try:
+                text = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read().decode()
+            except OSError as err:
+                self.errors.append(f"{target}: {err}")
+                continue
+            data = [{"MetricName": s.name, "Value": float(s.value),
+                     "Dimensions": [{"Name": "run_id", "Value": s.labels["run_id"]}]}
+                    for fam in text_string_to_metric_families(text) for s in fam.samples
+                    if "run_id" in s.labels and re.match(keep, s.name)
+                    and any(re.match(sel, s.name) for sel in selectors)]
+            for i in range(0, len(data), 20):
+                self.cw.put_metric_data(Namespace=self.namespace, MetricData=data[i:i + 20])
+
+
+# -- the conformance target ----------------------------------------------------------------------
+
+class AwsNodeConformance(ConformanceTarget):
+    cluster: Any = None
+    forwarder: Any = None
+
+    def monitored(self, run_id: str) -> dict[str, Any]:
+        # CloudWatch (moto), where the agent's EMF processor puts the run's metrics
+        import boto3
+
+        cw = boto3.client("cloudwatch", region_name=REGION)
+        got: dict[str, float] = {}
+        deadline = time.monotonic() + 90
+        for name in ("ray_rlfleet_episode_return", "ray_rlfleet_env_steps_total"):
+            while True:
+                stats = cw.get_metric_statistics(
+                    Namespace=self.forwarder.namespace, MetricName=name,
+                    Dimensions=[{"Name": "run_id", "Value": run_id}], Statistics=["Maximum"], Period=60,
+                    StartTime=time.time() - 7200, EndTime=time.time() + 60)["Datapoints"]
+                if stats:
+                    got[name] = max(d["Maximum"] for d in stats)
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"CloudWatch has no {name} for run {run_id} in {self.forwarder.namespace} "
+                                         f"(forwarder errors: {self.forwarder.errors[-3:]})")
+                time.sleep(3)
+        return {"episode_return": got["ray_rlfleet_episode_return"],
+                "env_steps": got["ray_rlfleet_env_steps_total"], "labels": {"run_id": run_id}}
+
+    @contextlib.contextmanager
+    def head_down(self) -> Iterator[None]:
+        head = self.cluster.head
+        head.nsexec("systemctl", "stop", "rlfleet-ray", timeout=180)
+        try:
+            yield
+        finally:
+            head.nsexec("systemctl", "start", "rlfleet-ray", timeout=120)
+            wait_jobs_api(self.target)
