@@ -170,3 +170,11 @@ def write_wheel(out_dir: Path, name: str, version: str, module_src: str) -> Path
 def make_wheel():
     """write_wheel(out_dir, name, version, module_src) -> path of a real pure-Python wheel."""
     return write_wheel
+
+
+@pytest.fixture(autouse=True)
+def _no_ansible_in_the_test_process() -> Iterator[None]:
+    """Ansible patches sys.intern when imported, which breaks torch's compiler for every later test
+    in the process: tests drive Ansible through its CLIs and ansible-runner, never by import."""
+    yield
+    assert "ansible" not in sys.modules, "this test imported ansible into the pytest process; run it as a CLI"

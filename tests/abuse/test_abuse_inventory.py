@@ -27,9 +27,19 @@ def _ini(head_line: str = HEAD, extra: str = "") -> str:
 
 
 def _vault(text: str, password: bytes) -> str:
-    from ansible.parsing.vault import VaultLib, VaultSecret
+    """Encrypt with the real ansible-vault CLI, in its own process: importing ansible here would
+    patch this process's sys.intern, which breaks torch's compiler in every later test."""
+    import subprocess
+    import sys
+    import tempfile
 
-    return VaultLib([("default", VaultSecret(password))]).encrypt(text.encode()).decode()
+    with tempfile.TemporaryDirectory() as d:
+        pw, src = Path(d) / "pw", Path(d) / "secret"
+        pw.write_bytes(password)
+        src.write_text(text)
+        subprocess.run([str(Path(sys.executable).parent / "ansible-vault"), "encrypt", "--vault-password-file",
+                        str(pw), str(src)], check=True, capture_output=True, timeout=120)
+        return src.read_text()
 
 
 # id -> (files of the inventory dir, target_from options, words of the message)

@@ -7,7 +7,6 @@ on the submitter's paths. These tests take the submitter's files away right afte
 from __future__ import annotations
 
 import shutil
-import textwrap
 import urllib.error
 import urllib.request
 
@@ -16,46 +15,16 @@ import pytest
 from rlfleet import RunSpec, RunStatus, submit_run
 from rlfleet.errors import RlfleetError
 
+from .test_local_runs import _write_env_project
+
 pytestmark = pytest.mark.integration
-
-
-ENV_MODULE = textwrap.dedent('''
-    import gymnasium as gym
-    import numpy as np
-    from gymnasium import spaces
-
-    import corridor_rewards  # installed for this run only, from requirements
-
-
-    class Corridor(gym.Env):
-        def __init__(self, length=5):
-            self.length = length
-            self.observation_space = spaces.Box(0.0, 1.0, (1,), np.float32)
-            self.action_space = spaces.Discrete(2)
-            self.pos = 0
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            self.pos = 0
-            return np.array([0.0], np.float32), {}
-
-        def step(self, action):
-            self.pos = max(0, self.pos + (1 if action == 1 else -1))
-            done = self.pos >= self.length
-            return np.array([self.pos / self.length], np.float32), corridor_rewards.reward(done), done, False, {}
-
-
-    gym.register(id="Corridor-v0", entry_point=Corridor, max_episode_steps=50)
-''')
 
 
 def test_bring_your_own_env_with_requirements_runs_after_the_code_dir_is_gone(local_cluster, tmp_path,
                                                                              make_wheel) -> None:
     """Bug (issue 9): the run re-validated the spec on the cluster and failed with
     "code: '...' is not a directory on this machine" once the submitter's directory was gone."""
-    proj = tmp_path / "my_project"
-    proj.mkdir()
-    (proj / "corridor_env.py").write_text(ENV_MODULE)
+    proj = _write_env_project(tmp_path, name="my_project", reward_module="corridor_rewards")
     make_wheel(proj / "wheels", "corridor_rewards", "1.0", "def reward(done):\n    return 1.0 if done else -0.01\n")
     (proj / "requirements.txt").write_text("./wheels/corridor_rewards-1.0-py3-none-any.whl\n")
     spec = RunSpec(kind="train", agent="random", env="corridor_env:Corridor-v0", env_kwargs={"length": 3},

@@ -146,10 +146,15 @@ def test_unknown_run(local_cluster) -> None:
     assert res.returncode == 4 and "no run 'rl-nope'" in res.stderr
 
 
-def _write_env_project(root: Path, *, broken: bool = False) -> Path:
-    proj = root / "proj"
+def _write_env_project(root: Path, *, broken: bool = False, name: str = "proj",
+                       reward_module: str | None = None) -> Path:
+    """A project with corridor_env:Corridor-v0; with ``reward_module`` the env takes its reward from
+    ``<module>.reward(done)``, a package the run must install."""
+    proj = root / name
     proj.mkdir()
     body = "raise RuntimeError('corridor module is broken on purpose')\n" if broken else ""
+    reward = f"import {reward_module}\n_reward = {reward_module}.reward\n" if reward_module else (
+        "def _reward(done):\n    return 1.0 if done else -0.01\n")
     (proj / "corridor_env.py").write_text(
         body
         + textwrap.dedent('''
@@ -176,11 +181,12 @@ def _write_env_project(root: Path, *, broken: bool = False) -> Path:
                 self.pos = max(0, self.pos + (1 if action == 1 else -1))
                 done = self.pos >= self.length
                 obs = np.array([self.pos / self.length], np.float32)
-                return obs, (1.0 if done else -0.01), done, False, {}
+                return obs, _reward(done), done, False, {}
 
 
         gym.register(id="Corridor-v0", entry_point=Corridor, max_episode_steps=50)
     ''')
+        + reward
     )
     return proj
 
