@@ -426,7 +426,11 @@ class RunArtifacts:
             if first > nxt:
                 return  # the rows in between are not visible yet
             path = self._p(rel)
-            rows = _jsonl(self.store.retry(f"read {rel} of run {self.run_id}", lambda p=path: fs.cat_file(p)))
+
+            def _cat(p: str = path) -> bytes:
+                return bytes(fs.cat_file(p))
+
+            rows = _jsonl(self.store.retry(f"read {rel} of run {self.run_id}", _cat))
             yield from rows[nxt - first :]
             nxt = last + 1
 
