@@ -126,7 +126,9 @@ def test_firewall_ruleset_passes_nft_check(rendered):
     assert re.search(r"set cluster_v4 .*elements = \{ 10\.20\.0\.11, 10\.20\.0\.12 \}", text)
     assert "ip saddr @admin_v4 tcp dport @admin_tcp accept" in text
     assert "ip6 saddr @admin_v6 tcp dport @admin_tcp accept" in text
-    assert re.search(r"set admin_tcp .*elements = \{ 22, 8443, 3000, 9443 \}", text)
+    # ssh, Ray API, Grafana, metrics, and the deploy ports the node's TLS front serves
+    deploy = ", ".join(str(p) for p in range(8600, 8608))
+    assert re.search(r"set admin_tcp .*elements = \{ 22, 8443, 3000, 9443, " + deploy + r" \}", text)
 
 
 def test_grafana_provisioning_is_locked_down(rendered):
