@@ -21,13 +21,14 @@ REQUIREMENTS_PLUGIN = "rlfleet_requirements"
 RAY_PLUGINS_VALUE = '[{"class": "rlfleet_agents.requirements_env.RequirementsPlugin"}]'
 
 
-def check_spec(spec: RunSpec) -> None:
-    """Raise SpecError (naming the field) for a spec this machine cannot submit."""
+def check_spec(spec: RunSpec) -> list[str] | None:
+    """Raise SpecError (naming the field) for a spec this machine cannot submit; returns the run's
+    requirements as the cluster installs them (see :func:`requirements`)."""
     if spec.code is not None and not Path(spec.code).expanduser().is_dir():
         raise SpecError(f"code: {spec.code!r} is not a directory on this machine")
     if spec.code is None and ":" not in spec.env and "/" not in spec.env:
         _check_env_registered(spec.env)
-    requirements(spec)
+    return requirements(spec)
 
 
 def requirements(spec: RunSpec) -> list[str] | None:

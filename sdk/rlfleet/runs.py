@@ -278,7 +278,7 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
 
     if not isinstance(spec, RunSpec):
         raise RlfleetError(f"submit_run() takes a RunSpec, not {type(spec).__name__}")
-    preflight.check_spec(spec)  # facts about this machine, checked here and never on the cluster
+    packages = preflight.check_spec(spec)  # facts about this machine, checked here and never on the cluster
     tgt = get_target(target)
     if tgt.kind == "local":
         from rlfleet.local import ensure_local_up
@@ -317,7 +317,6 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if spec.code:
         runtime_env["working_dir"] = client.upload_working_dir(spec.code)
-    packages = preflight.requirements(spec)
     if packages:  # installed on each node by rlfleet_agents.requirements_env (registered with Ray)
         runtime_env[preflight.REQUIREMENTS_PLUGIN] = {"packages": packages}
     metadata = {
