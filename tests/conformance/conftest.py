@@ -24,18 +24,24 @@ docs/conformance.md carries.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .targets import ConformanceTarget, LocalConformance, OnpremConformance
+from .targets import ConformanceTarget, LocalConformance, OnpremConformance, wait_jobs_api
 
 TARGETS = [
     pytest.param("local", id="local"),
     # the first onprem scenario also boots and converges the session's host: 3-6 min here, over
     # 15 min when several test sessions share the machine, so more than the default 900 s
     pytest.param("onprem", id="onprem", marks=[pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400)]),
-    # next: pytest.param("aws-node", ...), pytest.param("gcp-node", ...) with their fixtures below
+    # throwaway hosts booted from the AWS program's rendered user data, moto + IMDS as the cloud
+    # (awsnode.py): installing the kit on two hosts takes minutes, so the same room as onprem
+    pytest.param("aws-node", id="aws-node", marks=[pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400)]),
+    # next: pytest.param("gcp-node", ...) with its fixture below
 ]
 
 
@@ -74,6 +80,56 @@ def conformance_onprem(onprem, tmp_path_factory) -> ConformanceTarget:
                            cache={"tmp": str(tmp_path_factory.mktemp("conformance-onprem"))})
     ct.host = host
     return ct
+
+
+@pytest.fixture(scope="session")
+def aws_node_cluster(tmp_path_factory):
+    from onprem.session import _preconditions
+
+    from .awsnode import start_cluster
+
+    _preconditions()
+    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-awsnode-"))
+    try:
+        cluster = start_cluster(workdir, workers=1)  # stops what it started when it fails
+        print(f"\n[aws-node] timings (s): {cluster.timings}")
+        yield cluster
+        cluster.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def conformance_aws_node(aws_node_cluster, tmp_path_factory) -> Iterator[ConformanceTarget]:
+    from rlfleet.provisioners.pulumi_stack import target_from_outputs
+    from rlfleet.targets import save_target
+
+    from .awsnode import AwsNodeConformance, MetricsForwarder
+
+    cl = aws_node_cluster
+    # this machine reaches the cloud as a user would: credentials, region and moto as endpoint
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": cl.cloud.endpoint}.items():
+        mp.setenv(k, v)
+    mp.delenv("AWS_PROFILE", raising=False)
+    forwarder = None
+    try:
+        # the target exactly as 'rlfleet target add aws --outputs-file' builds it from the stack outputs
+        target = target_from_outputs("aws-node-conformance", cl.rendered.outputs, kind="aws", wait_for_ca=60)
+        save_target(target)
+        # the head's Ray may need a restart or two to start on a loaded machine (its unit restarts
+        # on failure): the target is handed over once its Jobs API answers, as after 'pulumi up'
+        wait_jobs_api(target, timeout=900)
+        forwarder = MetricsForwarder(cl, f"rlfleet/{cl.rendered.stack}").start()
+        ct = AwsNodeConformance(key="aws-node", target=target, own_store=target.artifact_root, timeout=600,
+                                cache={"tmp": str(tmp_path_factory.mktemp("conformance-aws-node"))})
+        ct.cluster, ct.forwarder = cl, forwarder
+        yield ct
+    finally:
+        if forwarder is not None:
+            forwarder.stop()
+        mp.undo()
 
 
 # -- the parametrization every scenario uses -------------------------------------------------------

@@ -140,25 +140,29 @@ class OnpremConformance(ConformanceTarget):
 
     @contextlib.contextmanager
     def head_down(self) -> Iterator[None]:
-        from rlfleet.jobs import JobsClient
-
         self.host.nsexec("systemctl", "stop", "rlfleet-ray-head", timeout=120)
         try:
             yield
         finally:
             self.host.nsexec("systemctl", "start", "rlfleet-ray-head", timeout=120)
-            client = JobsClient(self.target.ray_address, self.target.token(), target_name=self.name,
-                                ca_cert=self.target.ca_cert, timeout=5)
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    client.list()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(2)
+            wait_jobs_api(self.target)
 
+
+def wait_jobs_api(target: Target, timeout: float = 180) -> None:
+    """Until the target's Jobs API answers again (after its head was started)."""
+    from rlfleet.jobs import JobsClient
+
+    client = JobsClient(target.ray_address, target.token(), target_name=target.name, ca_cert=target.ca_cert,
+                        timeout=5)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def sha256(data: bytes) -> str:

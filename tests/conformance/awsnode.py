@@ -2,11 +2,12 @@
 the AWS Pulumi program renders (captured through tests/cloud's Pulumi mocks), run as cloud-init's
 ``write_files`` + ``runcmd`` would run it, with the cloud played by real local servers:
 
-- a moto server bound to the bridge's host address (S3 with the SSE-KMS stack bucket holding the
+- a moto server bound to this machine's address in the cluster's subnet of the cloud LAN
+  (cloudnode.py) (S3 with the SSE-KMS stack bucket holding the
   kit objects, KMS, Secrets Manager with the Ray token, STS);
-- an EC2 instance-metadata server on 169.254.169.254:80 (an address of the bridge only): IMDSv2
+- the EC2 instance metadata on the LAN's 169.254.169.254:80 (registered per node ip): IMDSv2
   tokens, instance id, local-ipv4, region, and the instance role's credentials from moto's STS;
-- the hosts on one private bridge (no forwarding, no NAT) with the addresses the stack outputs
+- the hosts on the LAN's private bridge (no forwarding, no NAT) with the addresses the stack outputs
   name: the head at the mocks' private ip 10.42.1.10 and its Elastic IP 198.51.100.7 (a /32 route
   on this machine to the head over the bridge), the worker joining the head's private ip.
 
@@ -20,13 +21,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
-import http.server
 import json
-import os
 import re
 import secrets
-import shutil
 import socket
 import subprocess
 import threading
@@ -34,22 +31,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
-from onprem.throwaway import CACHE_DIR, VENV_BIN, ThrowawayHost, _run
+from onprem.throwaway import VENV_BIN
 
+from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, wait_tcp
 from .targets import ConformanceTarget, wait_jobs_api
 
 REPO = Path(__file__).resolve().parents[2]
-BRIDGE_NET = "10.42.1"  # the stack's subnet as the mocks give it (head private ip 10.42.1.10)
-HOST_SIDE = f"{BRIDGE_NET}.1"
-HEAD_PRIVATE_IP = f"{BRIDGE_NET}.10"
-WORKER_PRIVATE_IP = f"{BRIDGE_NET}.11"
-IMDS_IP = "169.254.169.254"
+SUBNET = "10.42.1"  # the stack's subnet as the mocks give it (head private ip 10.42.1.10), a /24 of the LAN
+HEAD_PRIVATE_IP = f"{SUBNET}.10"
 REGION = "us-east-1"
-LOCK = CACHE_DIR / "aws-node.lock"  # one aws-node cluster per machine: the addresses are fixed
-TORCH_WHEELS = Path("/opt/wheels")
 
 
 # -- the rendered stack -----------------------------------------------------------------------
@@ -104,66 +97,37 @@ def render_stack(worker_count: int = 1) -> Rendered:
 
 # -- the cloud APIs ---------------------------------------------------------------------------
 
-class Cloud:
-    """moto on the bridge's host address and the instance-metadata server on 169.254.169.254."""
+class Ec2Metadata:
+    """The EC2 instance-metadata service (IMDSv2 only) for this cluster's instances, registered on
+    the LAN's metadata server per node ip: session tokens, instance id, local-ipv4, region, and the
+    instance role's credentials from moto's STS."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.moto: subprocess.Popen | None = None
-        self.endpoint = ""
-        self.imds: http.server.ThreadingHTTPServer | None = None
-        self.instances: dict[str, dict[str, str]] = {}  # node ip -> {instance-id, role}
-        self.imds_requests: list[tuple[str, str, int]] = []  # (client ip, path, status)
+    ROLE = "rlfleet-node"
 
-    def start_moto(self) -> str:
-        with socket.socket() as s:
-            s.bind((HOST_SIDE, 0))
-            port = s.getsockname()[1]
-        log = (self.workdir / "moto.log").open("w")
-        self.moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", HOST_SIDE, "-p", str(port)],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.endpoint = f"http://{HOST_SIDE}:{port}"
-        _wait_tcp(HOST_SIDE, port, 60)
-        return self.endpoint
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.tokens: set[str] = set()
+        self.instances: dict[str, dict[str, str]] = {}  # node ip -> {instance-id, ip}
 
-    def start_imds(self) -> None:
-        cloud = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            tokens: ClassVar[set[str]] = set()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: str = "") -> None:
-                cloud.imds_requests.append((self.client_address[0], self.path, status))
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_PUT(self) -> None:  # IMDSv2: a session token first
-                if self.path != "/latest/api/token" or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self._send(400)
-                tok = secrets.token_urlsafe(24)
-                Handler.tokens.add(tok)
-                self._send(200, tok)
-
-            def do_GET(self) -> None:
-                if self.headers.get("X-aws-ec2-metadata-token") not in Handler.tokens:
-                    return self._send(401)  # httpTokens=required: no IMDSv1
-                inst = cloud.instances.get(self.client_address[0])
-                if inst is None:
-                    return self._send(404)
-                body = cloud.metadata(inst, self.path.removeprefix("/latest/meta-data/").rstrip("/"))
-                self._send(200, body) if body is not None else self._send(404)
-
-        self.imds = http.server.ThreadingHTTPServer((IMDS_IP, 80), Handler)
-        threading.Thread(target=self.imds.serve_forever, daemon=True).start()
+    def __call__(self, req: MetadataRequest) -> MetadataResponse:
+        if req.method == "PUT":  # IMDSv2: a session token first
+            if req.path != "/latest/api/token" or not req.headers.get("x-aws-ec2-metadata-token-ttl-seconds"):
+                return MetadataResponse(400)
+            tok = secrets.token_urlsafe(24)
+            self.tokens.add(tok)
+            return MetadataResponse(200, tok)
+        if req.method != "GET":
+            return MetadataResponse(405)
+        if req.headers.get("x-aws-ec2-metadata-token") not in self.tokens:
+            return MetadataResponse(401)  # httpTokens=required: no IMDSv1
+        inst = self.instances.get(req.client_ip)
+        if inst is None:
+            return MetadataResponse(404)
+        body = self.metadata(inst, req.path.removeprefix("/latest/meta-data/").rstrip("/"))
+        return MetadataResponse(200, body) if body is not None else MetadataResponse(404)
 
     def metadata(self, inst: dict[str, str], path: str) -> str | None:
-        role = "rlfleet-node"
+        role = self.ROLE
         if path == "iam/security-credentials":
             return role
         if path == f"iam/security-credentials/{role}":
@@ -182,102 +146,71 @@ class Cloud:
                 "iam/info": json.dumps({"Code": "Success", "InstanceProfileArn":
                                         f"arn:aws:iam::123456789012:instance-profile/{role}"})}.get(path)
 
+
+class Cloud:
+    """moto on the cluster subnet's host address, and the EC2 metadata on the LAN's metadata server."""
+
+    def __init__(self, workdir: Path, lan: CloudLan) -> None:
+        self.workdir = workdir
+        self.lan = lan
+        self.moto: subprocess.Popen | None = None
+        self.endpoint = ""
+        self.imds: Ec2Metadata | None = None
+
+    def start_moto(self) -> str:
+        host_side = self.lan.add_subnet(SUBNET)
+        with socket.socket() as s:
+            s.bind((host_side, 0))
+            port = s.getsockname()[1]
+        log = (self.workdir / "moto.log").open("w")
+        self.moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", host_side, "-p", str(port)],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.endpoint = f"http://{host_side}:{port}"
+        wait_tcp(host_side, port, 60)
+        self.imds = Ec2Metadata(self.endpoint)
+        return self.endpoint
+
+    def add_instance(self, ip: str, instance_id: str) -> None:
+        assert self.imds is not None and self.lan.metadata is not None
+        self.imds.instances[ip] = {"instance-id": instance_id, "ip": ip}
+        self.lan.metadata.register(ip, self.imds)
+
+    def imds_requests(self, ip: str) -> list[tuple[str, str, int]]:
+        assert self.lan.metadata is not None
+        return self.lan.metadata.requests_from(ip)
+
     def stop(self) -> None:
-        if self.imds is not None:
-            self.imds.shutdown()
-            self.imds.server_close()
+        if self.imds is not None and self.lan.metadata is not None:
+            for ip in self.imds.instances:
+                self.lan.metadata.unregister(ip)
         if self.moto is not None and self.moto.poll() is None:
             self.moto.terminate()
             self.moto.wait(10)
 
 
-def _wait_tcp(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-
-
 # -- the hosts --------------------------------------------------------------------------------
 
-class AwsNodeHost(ThrowawayHost):
-    """A throwaway host on the cluster bridge (not a /30 of its own), with the node's private ip."""
+class AwsNodeHost(CloudHost):
+    """A node of the AWS stack: the DLAMI's parts minbase lacks, and AWS_CONFIG_FILE naming moto."""
 
-    def __init__(self, workdir: Path, *, bridge: str, ip: str, extra_ips: tuple[str, ...] = ()) -> None:
-        super().__init__(workdir)
-        self.bridge = bridge
-        self.host_ip = HOST_SIDE
-        self.ip = ip
-        self.extra_ips = extra_ips
-
-    def _prepare_root(self) -> None:
-        super()._prepare_root()
-        # the "machine image": every service (and the cloud-init run) finds the cloud's endpoints here
-        d = self.root / "etc/systemd/system.conf.d"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "aws.conf").write_text("[Manager]\nDefaultEnvironment=AWS_CONFIG_FILE=/etc/aws/config\n")
-        if TORCH_WHEELS.is_dir():
-            dst = self.root / "opt/wheels"
-            dst.mkdir(parents=True, exist_ok=True)
-            for w in TORCH_WHEELS.glob("torch-*+cpu-*.whl"):
-                with contextlib.suppress(OSError):
-                    os.link(w, dst / w.name)
-                if not (dst / w.name).exists():
-                    shutil.copy2(w, dst / w.name)
-
-    def _network(self) -> None:
-        _run("ip", "link", "set", self.veth, "master", self.bridge)
-        _run("ip", "link", "set", self.veth, "up")
-        self.nsexec("ip", "addr", "add", f"{self.ip}/24", "dev", "host0")
-        for extra in self.extra_ips:
-            self.nsexec("ip", "addr", "add", f"{extra}/32", "dev", "host0")
-        self.nsexec("ip", "link", "set", "host0", "up")
-        self.nsexec("ip", "route", "add", "default", "via", HOST_SIDE)
+    def __init__(self, workdir: Path, *, lan: CloudLan, ip: str, extra_ips: tuple[str, ...] = ()) -> None:
+        super().__init__(workdir, lan=lan, ip=ip, extra_ips=extra_ips,
+                         default_env={"AWS_CONFIG_FILE": "/etc/aws/config"})
 
     def write_image_config(self, endpoint: str) -> None:
         aws = self.path("/etc/aws/config")
         aws.parent.mkdir(parents=True, exist_ok=True)
         aws.write_text(f"[default]\nregion = {REGION}\nendpoint_url = {endpoint}\n")
         aws.chmod(0o644)
-        self.path("/etc/pip.conf").write_text(
-            f"[global]\nproxy = {self.proxy_url}\ncert = /etc/ssl/certs/ca-certificates.crt\n"
-            "find-links = /opt/wheels\n")
+        self.write_pip_conf()
 
     def install_image_packages(self) -> None:
         """What the DLAMI has and minbase lacks: python3-venv and the AWS CLI."""
-        proxy = [f"-oAcquire::http::Proxy={self.proxy_url}", f"-oAcquire::https::Proxy={self.proxy_url}"]
-        self.nsexec("apt-get", *proxy, "-qq", "update", timeout=600)
-        self.nsexec("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *proxy, "-qq", "-y",
-                    "--no-install-recommends", "install", "python3-venv", timeout=600)
+        self.apt_install("python3-venv")
         self.nsexec("python3", "-m", "venv", "/usr/local/aws-cli", timeout=300)
         self.nsexec("/usr/local/aws-cli/bin/pip", "install", "-q", "--disable-pip-version-check", "awscli",
                     timeout=900)
         self.nsexec("ln", "-sf", "/usr/local/aws-cli/bin/aws", "/usr/local/bin/aws")
-
-    def cloud_init(self, user_data: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-        """cloud-init's write_files + runcmd for this user data, as cloud-final runs it (a systemd
-        service with the manager's default environment), returning the bootstrap's exit."""
-        assert user_data.startswith("#cloud-config\n")
-        doc = yaml.safe_load(user_data)
-        assert set(doc) == {"write_files", "runcmd"}, f"unexpected cloud-config keys {sorted(doc)}"
-        for f in doc["write_files"]:
-            p = self.path(f["path"])
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(f["content"])
-            p.chmod(int(f["permissions"], 8))
-            os.chown(p, 0, 0)
-        script = self.path("/var/lib/cloud/rlfleet-runcmd.sh")
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text("#!/bin/sh\n" + "".join(" ".join(cmd) + "\n" for cmd in doc["runcmd"]))
-        script.chmod(0o700)
-        return self.nsexec("systemd-run", "--wait", "--collect", "--quiet", "--unit=cloud-final-rlfleet",
-                           "-p", "Type=oneshot", "-p", f"TimeoutStartSec={int(timeout)}",
-                           "/var/lib/cloud/rlfleet-runcmd.sh", check=False, timeout=timeout + 60)
 
 
 # -- the cluster ------------------------------------------------------------------------------
@@ -287,12 +220,12 @@ class AwsNodeCluster:
     workdir: Path
     rendered: Rendered
     cloud: Cloud
-    bridge: str
+    lan: CloudLan
     head: AwsNodeHost
     workers: list[AwsNodeHost] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     token: str = ""
-    lock_fd: int = -1
+    stopped: bool = False
 
     @property
     def hosts(self) -> list[AwsNodeHost]:
@@ -303,14 +236,16 @@ class AwsNodeCluster:
         return p.read_text() if p.exists() else ""
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         for h in self.hosts:
             with contextlib.suppress(Exception):
                 h.stop()
         self.cloud.stop()
-        _run("ip", "route", "del", f"{self.rendered.head_public_ip}/32", check=False)
-        _run("ip", "link", "del", self.bridge, check=False)
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
+        self.lan.drop_route(f"{self.rendered.head_public_ip}/32")
+        self.lan.drop_subnet(SUBNET)
+        self.lan.release()
 
 
 def _provision(cl: AwsNodeCluster, h: AwsNodeHost, user_data: str) -> None:
@@ -331,26 +266,22 @@ def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> AwsNodeClust
 
     from rlfleet.kit import build_kit
 
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # another session's aws-node cluster uses the same addresses
     t_all = time.monotonic()
     rendered = render_stack(worker_count=workers)
     from rlfleet_cloud.kit import kit_keys  # on sys.path once tests/cloud's harness is imported
 
     kit = build_kit(REPO)
-    bridge = "rlfbr" + secrets.token_hex(3)
-    cloud = Cloud(workdir)
-    head = AwsNodeHost(workdir / "head", bridge=bridge, ip=HEAD_PRIVATE_IP, extra_ips=(rendered.head_public_ip,))
-    wk = [AwsNodeHost(workdir / f"worker{i}", bridge=bridge, ip=f"{BRIDGE_NET}.{11 + i}") for i in range(workers)]
-    cl = AwsNodeCluster(workdir, rendered, cloud, bridge, head, wk, lock_fd=fd)
+    lan = CloudLan.acquire()  # waits for another session's cloud LAN on this machine
+    cloud = Cloud(workdir, lan)
     try:
-        _run("ip", "link", "add", bridge, "type", "bridge")
-        _run("ip", "addr", "add", f"{HOST_SIDE}/24", "dev", bridge)
-        _run("ip", "addr", "add", f"{IMDS_IP}/32", "dev", bridge)
-        _run("ip", "link", "set", bridge, "up")
+        head = AwsNodeHost(workdir / "head", lan=lan, ip=HEAD_PRIVATE_IP, extra_ips=(rendered.head_public_ip,))
+        wk = [AwsNodeHost(workdir / f"worker{i}", lan=lan, ip=f"{SUBNET}.{11 + i}") for i in range(workers)]
+    except BaseException:
+        lan.release()
+        raise
+    cl = AwsNodeCluster(workdir, rendered, cloud, lan, head, wk)
+    try:
         cloud.start_moto()
-        cloud.start_imds()
         # the stack's resources the nodes use, as 'pulumi up' leaves them (names from the mocks)
         creds = {"endpoint_url": cloud.endpoint, "region_name": REGION,
                  "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -365,13 +296,13 @@ def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> AwsNodeClust
         sm.create_secret(Name=rendered.secret_arn.split(":secret:")[1], SecretString=cl.token, KmsKeyId=key_arn)
         assert sm.get_secret_value(SecretId=rendered.secret_arn)["SecretString"] == cl.token
         for h, iid in zip(cl.hosts, [rendered.head_instance, *rendered.worker_instances], strict=False):
-            cloud.instances[h.ip] = {"instance-id": iid, "ip": h.ip}
+            cloud.add_instance(h.ip, iid)
         for h in cl.hosts:
             t0 = time.monotonic()
             h.start(log=log)
             h.write_image_config(cloud.endpoint)
             cl.timings[f"{h.ip} boot"] = time.monotonic() - t0
-        _run("ip", "route", "add", f"{rendered.head_public_ip}/32", "via", HEAD_PRIVATE_IP, "dev", bridge)
+        lan.add_route(f"{rendered.head_public_ip}/32", HEAD_PRIVATE_IP)
         # the instances come up together, as 'pulumi up' launches them; a worker's Ray retries
         # joining until the head serves (its unit restarts)
         with concurrent.futures.ThreadPoolExecutor(len(cl.hosts)) as pool:

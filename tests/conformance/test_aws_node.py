@@ -29,9 +29,9 @@ def test_nodes_bootstrapped_from_the_rendered_user_data(aws_node_cluster: AwsNod
         r = host.nsexec("systemctl", "is-active", "rlfleet-ray", check=False)
         assert r.stdout.strip() == "active", r.stdout + r.stderr
         # the node identity came from the instance metadata, with an IMDSv2 token every time
-        by_node = [(path, status) for ip, path, status in cl.cloud.imds_requests if ip == host.ip]
-        assert ("/latest/meta-data/iam/security-credentials/rlfleet-node", 200) in by_node
-        assert all(status != 401 for _, status in by_node), by_node
+        by_node = cl.cloud.imds_requests(host.ip)
+        assert ("GET", "/latest/meta-data/iam/security-credentials/rlfleet-node", 200) in by_node
+        assert all(status != 401 for _, _, status in by_node), by_node
     # the head published its CA to the bucket, the certificate the client pins
     assert cl.head.path("/etc/rlfleet/tls/ca.pem").read_bytes().strip()
 
