@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from rlfleet.artifacts import METRICS, METRICS_DIR, RunArtifacts, _is_local, metrics_segment
+from rlfleet.artifacts import METRICS, METRICS_DIR, RunArtifacts, metrics_segment
 
 METRIC_NAMES = (
     "rlfleet_episode_return", "rlfleet_episode_length", "rlfleet_env_steps_total",
@@ -129,7 +129,7 @@ class MetricsWriter:
         self.arts = arts
         self.rows: list[str] = []
         self.flush_every_s = flush_every_s if flush_every_s is not None else (
-            2.0 if _is_local(arts.store.fs) else 5.0)
+            2.0 if arts.store.is_local else 5.0)
         self.max_backoff_s = max_backoff_s
         self.fanout = fanout
         self.close_timeout_s = close_timeout_s

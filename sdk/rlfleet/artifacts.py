@@ -53,7 +53,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    """The fsspec filesystem of ``uri`` and the path on it, or :class:`ArtifactError` naming the
+    missing driver or the unusable URI."""
     if uri.startswith("gs://") or uri.startswith("gcs://"):
         # gcsfs otherwise probes hierarchical-namespace support and hangs ~60 s per bucket
         # against plain-HTTP endpoints (measured: ../shared/notes/components.md).
@@ -166,8 +168,18 @@ class ArtifactStore:
     @property
     def fs(self) -> Any:
         if self._fs is None:
-            self._fs, self._root_path = _filesystem(self.root_uri, self.storage_options)
+            self._fs, self._root_path = filesystem(self.root_uri, self.storage_options)
         return self._fs
+
+    @property
+    def root_path(self) -> str:
+        """The root as its filesystem names it (``/abs/dir``, ``bucket/prefix``)."""
+        return self._path()
+
+    @property
+    def is_local(self) -> bool:
+        """True for a file:// root (writes go through a temporary file and a rename)."""
+        return is_local_fs(self.fs)
 
     def _path(self, *parts: str) -> str:
         _ = self.fs
@@ -255,7 +267,8 @@ class RunArtifacts:
     def uri(self) -> str:
         return f"{self.store.root_uri}/{RUNS_DIR}/{self.run_id}"
 
-    def _p(self, rel: str) -> str:
+    def path(self, rel: str) -> str:
+        """Where ``rel`` lives on the store's filesystem (``store.fs``); refuses ``..`` and empty paths."""
         rel = rel.strip("/")
         if not rel or ".." in rel.split("/"):
             raise ArtifactError(f"invalid artifact path {rel!r}")
@@ -269,11 +282,11 @@ class RunArtifacts:
 
     def _put(self, rel: str, data: bytes) -> None:
         """Write one file atomically (see the module doc), with the store's retries."""
-        path = self._p(rel)
+        path = self.path(rel)
         fs = self.store.fs
 
         def _put() -> None:
-            if _is_local(fs):
+            if is_local_fs(fs):
                 _write_local_atomic(fs, path, data)
                 return
             with fs.open(path, "wb") as f:  # one object: visible whole or not at all
@@ -288,7 +301,7 @@ class RunArtifacts:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def delete_file(self, rel: str) -> None:
-        path = self._p(rel)
+        path = self.path(rel)
         self.store.retry(f"delete {rel}", lambda: self.store.fs.rm(path) if self.store.fs.exists(path) else None)
 
     def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
@@ -304,15 +317,26 @@ class RunArtifacts:
 
     # -- reading ------------------------------------------------------------------------------
     def _read_raw(self, rel: str) -> bytes:
-        path = self._p(rel)
+        path = self.path(rel)
         try:
             return self.store.retry(f"read {rel} of run {self.run_id}", lambda: self.store.fs.cat_file(path))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactError(f"run {self.run_id} has no {rel} (looked in {self.uri})") from None
 
     def exists(self, rel: str) -> bool:
-        path = self._p(rel)
+        path = self.path(rel)
         return bool(self.store.retry(f"stat {rel}", lambda: self.store.fs.exists(path)))
+
+    def modified(self, rel: str) -> datetime | None:
+        """When ``rel`` was last written (UTC), or None where the store keeps no times."""
+        path = self.path(rel)
+        try:
+            value = self.store.retry(f"stat {rel}", lambda: self.store.fs.modified(path))
+        except (NotImplementedError, FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return None
 
     def is_complete(self) -> bool:
         return self.exists(MANIFEST)
@@ -425,7 +449,7 @@ class RunArtifacts:
                 continue  # covered by a larger segment already read
             if first > nxt:
                 return  # the rows in between are not visible yet
-            path = self._p(rel)
+            path = self.path(rel)
 
             def _cat(p: str = path) -> bytes:
                 return bytes(fs.cat_file(p))
@@ -436,7 +460,7 @@ class RunArtifacts:
 
     def delete_dir(self, rel: str) -> None:
         """Remove a directory of the run (e.g. ``metrics``) and everything under it."""
-        path = self._p(rel)
+        path = self.path(rel)
         fs = self.store.fs
         self.store.retry(f"delete {rel} of run {self.run_id}",
                          lambda: fs.rm(path, recursive=True) if fs.exists(path) else None)
@@ -482,6 +506,7 @@ def _write_local_atomic(fs: Any, path: str, data: bytes) -> None:
         pass
 
 
-def _is_local(fs: Any) -> bool:
+def is_local_fs(fs: Any) -> bool:
+    """True for fsspec's local filesystem."""
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return proto in ("file", "local")

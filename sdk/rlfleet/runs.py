@@ -13,8 +13,10 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+from rlfleet.artifacts import ArtifactStore
 from rlfleet.errors import ArtifactError, IncompleteRunError, RlfleetError, RunFailed
 from rlfleet.spec import Kind, RunSpec
+from rlfleet.stored_run import DAMAGED, StoredRun, open_stored_run, read_stored_run
 from rlfleet.targets import Target, get_target
 
 ENTRYPOINT = "python -m rlfleet_agents.run"
@@ -365,43 +367,36 @@ def _read_source(tgt: Target, source: str, kind: Kind) -> RunSpec | None:
     source is refused here, before submitting. Elsewhere (s3, gs, a NAS mounted only on the
     cluster) an unreadable store is not an error: the run itself checks its source.
     """
-    from rlfleet.artifacts import ArtifactStore, open_run
-
     definite = "://" not in source and tgt.reader_artifact_root.startswith("file://")
-    damaged: str | None = None
     try:
         if "://" in source:
-            arts = open_run(source, storage_options=tgt.storage_options, retries=1)
+            stored = open_stored_run(source, storage_options=tgt.storage_options, retries=1)
         else:
             store = ArtifactStore(tgt.reader_artifact_root, storage_options=tgt.storage_options, retries=1)
-            arts = store.run(source)
-        complete = arts.is_complete()
-        if complete:
-            try:
-                arts.manifest()
-            except ArtifactError as err:  # a manifest that cannot be read is no commit point
-                damaged = str(err)
-        raw = None if damaged else (
-            arts.read_bytes("spec.json", allow_incomplete=True) if complete or arts.exists("spec.json") else None)
+            stored = read_stored_run(store, source)
     except (RlfleetError, OSError):
         return None
-    if damaged:
-        if definite:
-            raise IncompleteRunError(f"source: run {source!r} is damaged ({damaged}); a {kind.value} run needs "
-                                     "a finished train run")
-        return None
-    if definite and raw is None and not complete:
+    if not definite:
+        return _spec_or_none(stored) if stored.state != DAMAGED else None
+    if stored.state == DAMAGED:
+        raise IncompleteRunError(f"source: run {source!r} is damaged ({stored.problem}); a {kind.value} run needs "
+                                 "a finished train run")
+    if not stored.complete and not stored.exists:
         raise IncompleteRunError(
             f"source: no run {source!r} under {tgt.reader_artifact_root}/runs (check the id with 'rlfleet runs')"
         )
-    if definite and not complete:
+    if not stored.complete:
         raise IncompleteRunError(
             f"source: run {source!r} is incomplete (no manifest.json: it failed, was cancelled or is "
             f"still running); a {kind.value} run needs a finished train run"
         )
+    return _spec_or_none(stored)
+
+
+def _spec_or_none(stored: StoredRun) -> RunSpec | None:
     try:
-        return RunSpec.from_dict(json.loads(raw)) if raw is not None else None
-    except (RlfleetError, ValueError):
+        return stored.run_spec()
+    except ArtifactError:
         return None
 
 

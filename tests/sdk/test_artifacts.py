@@ -74,7 +74,7 @@ def test_changed_byte_is_detected(store: ArtifactStore) -> None:
     run.write_bytes("policy.onnx", b"A" * 64)
     run.commit()
     # change one byte behind the store's back
-    path = store._path("runs", "rl-tamper", "policy.onnx")
+    path = store.run("rl-tamper").path("policy.onnx")
     with store.fs.open(path, "wb") as f:
         f.write(b"A" * 63 + b"B")
     fresh = store.run("rl-tamper")

@@ -235,31 +235,15 @@ def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> Non
 def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
     """Runs as the artifact store records them: committed (manifest.json), incomplete, or damaged
     (a manifest that cannot be read: reported on its row, the listing goes on)."""
-    from rlfleet.errors import ArtifactError, IncompleteRunError
+    from rlfleet.stored_run import stored_runs
 
     store = tgt.store()
-    docs = []
-    for run_id in sorted(store.list_run_ids(), reverse=True)[:limit]:
-        arts = store.run(run_id)
-        extra: dict[str, Any] | None = None
-        state, problem = "complete", None
-        try:
-            extra = arts.manifest().extra
-        except IncompleteRunError:
-            state = "incomplete"
-        except ArtifactError as err:
-            state, problem = "damaged", str(err)
-        doc: dict[str, Any] = {"run_id": run_id, "artifact_uri": arts.uri, "complete": extra is not None,
-                               "state": state, "problem": problem}
-        try:
-            spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
-            if not isinstance(spec, dict):
-                raise ValueError("spec.json is not a mapping")
-            doc.update(kind=spec.get("kind"), name=spec.get("name"))
-        except (ArtifactError, ValueError):
-            doc.update(kind=None, name=None)
-        doc.update(wall_time_s=(extra or {}).get("wall_time_s"), gpu_hours=(extra or {}).get("gpu_hours"))
-        docs.append(doc)
+    docs = [
+        {"run_id": r.run_id, "artifact_uri": r.uri, "complete": r.complete, "state": r.state, "problem": r.problem,
+         "kind": r.kind, "name": r.name, "wall_time_s": r.extra.get("wall_time_s"),
+         "gpu_hours": r.extra.get("gpu_hours")}
+        for r in stored_runs(store, limit=limit)
+    ]
     if as_json:
         print_json(docs)
         return

@@ -77,9 +77,9 @@ def _check_outputs(outputs: dict[str, Any], where: str) -> None:
 def fetch_ca_cert(uri: str, dest: Path, *, storage_options: dict[str, Any] | None = None,
                   wait: float = 0.0, echo: Echo = _noop) -> Path:
     """Copy the head's CA certificate from the bucket (read with the caller's credentials) to dest."""
-    from rlfleet.artifacts import _filesystem
+    from rlfleet.artifacts import filesystem
 
-    fs, path = _filesystem(uri, storage_options or {})
+    fs, path = filesystem(uri, storage_options or {})
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -22,15 +22,14 @@ and deletes the manifest first, so a run whose deletion is interrupted reads as 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rlfleet.artifacts import MANIFEST, ArtifactStore
-from rlfleet.errors import ArtifactError
+from rlfleet.artifacts import ArtifactStore
+from rlfleet.stored_run import read_stored_run, run_id_of
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -73,74 +72,16 @@ class CleanupPlan:
         return sum(self.sizes.get(r.run_id, 0) for r in self.remove)
 
 
-def _run_id_of(ref: str | None) -> str | None:
-    if not ref:
-        return None
-    return ref.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _label(spec: dict[str, Any]) -> str:
-    if spec.get("name"):
-        return str(spec["name"])
-    env = re.sub(r"[^a-z0-9]+", "-", str(spec.get("env", "")).lower()).strip("-")
-    return f"{spec.get('agent', 'run')}-{env}" if env else str(spec.get("agent", "run"))
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    if isinstance(value, str):
-        try:
-            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-    return None
-
-
 def read_run(store: ArtifactStore, run_id: str) -> RunRecord:
-    """What cleanup needs to know about one run, from its spec.json and manifest.json."""
-    arts = store.run(run_id)
-    files = arts.list_files()
-    complete = MANIFEST in files
-    if complete:
-        try:
-            arts.manifest()
-        except ArtifactError:
-            complete = False  # a damaged manifest commits nothing: treated like a run without one
-    spec: dict[str, Any] = {}
-    if "spec.json" in files:
-        try:
-            spec = json.loads(arts.read_bytes("spec.json", allow_incomplete=True))
-        except Exception:
-            spec = {}
-    created: datetime | None = None
-    if complete:
-        try:
-            created = _parse_time(arts.manifest().created_at)
-        except Exception:
-            created = None
-    if created is None and files:
-        # incomplete run (failed/cancelled/running): the newest file's time is its last sign of life
-        times: list[datetime] = []
-        for rel in files:
-            try:
-                t = _parse_time(store.fs.modified(arts._p(rel)))
-            except Exception:  # noqa: S112 - a store without mtimes: age stays unknown
-                continue
-            if t is not None:
-                times.append(t)
-        created = max(times) if times else None
-    reads = tuple(x for x in (_run_id_of(spec.get("source")), _run_id_of(spec.get("resume_from"))) if x)
+    """What cleanup needs to know about one run (read by :class:`rlfleet.stored_run.StoredRun`)."""
+    run = read_stored_run(store, run_id)
     return RunRecord(
         run_id=run_id,
-        name=_label(spec),
-        kind=str(spec.get("kind", "?")),
-        created=created,
-        complete=complete,
-        reads_from=reads,
+        name=run.label,
+        kind=run.kind or "?",
+        created=run.created,
+        complete=run.complete,
+        reads_from=run.reads_from,
     )
 
 
@@ -333,7 +274,7 @@ def active_run_ids_from(runs: Iterable[Any]) -> set[str]:
         except Exception:  # noqa: S112 - the store's spec.json is consulted too
             continue
         for ref in (getattr(spec, "source", None), getattr(spec, "resume_from", None)):
-            rid = _run_id_of(ref)
+            rid = run_id_of(ref)
             if rid:
                 out.add(rid)
     return out

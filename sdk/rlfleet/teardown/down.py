@@ -165,7 +165,7 @@ def data_summary(target: Target) -> DataSummary:
         return DataSummary(f"s3://{bucket}", n, size)
     store = target.store()
     fs = store.fs
-    root = store._path()
+    root = store.root_path
     if scheme in ("gs", "gcs"):
         root = root.split("/", 1)[0]
         uri = f"gs://{root}"
