@@ -126,6 +126,7 @@ class JobsClient:
         metadata: dict[str, str],
         num_cpus: float,
         num_gpus: float,
+        resources: dict[str, float] | None = None,
     ) -> str:
         body: dict[str, Any] = {
             "entrypoint": entrypoint,
@@ -135,6 +136,8 @@ class JobsClient:
             "entrypoint_num_cpus": num_cpus,
             "entrypoint_num_gpus": num_gpus,
         }
+        if resources:  # custom Ray resources the entrypoint needs (places it on a node that has them)
+            body["entrypoint_resources"] = resources
         out = self._json("POST", "/api/jobs/", json_body=body)
         return str(out["submission_id"])
 

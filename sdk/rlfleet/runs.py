@@ -343,6 +343,7 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
             metadata=metadata,
             num_cpus=spec.resources.cpus,
             num_gpus=spec.resources.gpus,
+            resources=_placement(tgt, spec),
         )
     except BaseException:
         if serve_token_sha256:
@@ -351,6 +352,16 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
             revoke_deploy_token(run_id)
         raise
     return Run(run_id, tgt, spec=spec)
+
+
+def _placement(tgt: Target, spec: RunSpec) -> dict[str, float] | None:
+    """A deploy run on a cloud stack with deploy ports goes to the head: the node with the TLS
+    front (nginx) and the certificate for the address clients use (infra_cloud bootstrap)."""
+    from rlfleet.stack_outputs import RAY_RESOURCE_SERVE_FRONT
+
+    if spec.kind is Kind.DEPLOY and tgt.kind in ("aws", "gcp") and tgt.serve_ports:
+        return {RAY_RESOURCE_SERVE_FRONT: 1}
+    return None
 
 
 def _user() -> str:

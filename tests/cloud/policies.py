@@ -17,6 +17,7 @@ from rlfleet.stack_outputs import (
     CONTROL_PORTS,
     GCP_LABEL_MANAGED,
     GCP_LABEL_STACK,
+    SERVE_PORTS_DEFAULT,
 )
 
 @cache
@@ -41,6 +42,16 @@ def _ports(rule: dict) -> range:
     return range(lo, hi + 1)
 
 
+def _gcp_ports(spec: str) -> range:
+    """A GCP firewall port spec: "22" or a range "8600-8607"."""
+    lo, _, hi = spec.partition("-")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+# ports that must never be open to the world: Ray's control ports and the deploy ports (TLS front)
+ADMIN_PORTS = (*CONTROL_PORTS, *SERVE_PORTS_DEFAULT)
+
+
 def aws_violations(resources: list[Any], stack: str, *, allow_world: bool = False) -> list[str]:
     bad: list[str] = []
     for r in resources:
@@ -54,7 +65,7 @@ def aws_violations(resources: list[Any], stack: str, *, allow_world: bool = Fals
             for rule in i.get("ingress", []):
                 cidrs = set(rule.get("cidrBlocks", [])) | set(rule.get("ipv6CidrBlocks", []))
                 world = bool(cidrs) and world_open_reason(cidrs) is not None
-                if world and not allow_world and any(p in _ports(rule) for p in CONTROL_PORTS):
+                if world and not allow_world and any(p in _ports(rule) for p in ADMIN_PORTS):
                     bad.append(f"{where}: world-open ingress on a control port")
                 if not cidrs and not rule.get("self") and not rule.get("securityGroups"):
                     bad.append(f"{where}: ingress rule without a source")
@@ -99,8 +110,9 @@ def gcp_violations(resources: list[Any], stack: str, *, allow_world: bool = Fals
                         bad.append(f"{where}: missing rlfleet labels ({key})")
         if r.typ == "gcp:compute/firewall:Firewall":
             ranges = set(i.get("sourceRanges") or [])
-            ports = {int(p) for a in i.get("allows", []) for p in a.get("ports", [])} or set(CONTROL_PORTS)
-            if ranges and world_open_reason(ranges) and not allow_world and ports & set(CONTROL_PORTS):
+            ports = {n for a in i.get("allows", []) for p in a.get("ports", []) for n in _gcp_ports(p)} or set(
+                ADMIN_PORTS)
+            if ranges and world_open_reason(ranges) and not allow_world and ports & set(ADMIN_PORTS):
                 bad.append(f"{where}: world-open ingress on a control port")
             if not ranges and not i.get("sourceTags"):
                 bad.append(f"{where}: ingress rule without a source")

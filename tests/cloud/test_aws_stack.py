@@ -47,10 +47,9 @@ def test_network_ingress_only_admin_and_intra_cluster(stack: Built) -> None:
     sg = stack.one("aws:ec2/securityGroup:SecurityGroup")
     rules = sg.inputs["ingress"]
     admin = [r for r in rules if not r.get("self")]
-    assert sorted(r["fromPort"] for r in admin) == [22, 8443]
-    for r in admin:
+    assert sorted((r["fromPort"], r["toPort"]) for r in admin) == [(22, 22), (8443, 8443), (8600, 8607)]
+    for r in admin:  # the deploy ports (8600-8607, the head's nginx): tests/cloud/test_deploy_front.py
         assert r["cidrBlocks"] == ["203.0.113.0/24"] and r["ipv6CidrBlocks"] == ["2001:db8::/48"]
-        assert r["fromPort"] == r["toPort"]
     intra = [r for r in rules if r.get("self")]
     assert len(intra) == 1 and "cidrBlocks" not in intra[0]
     assert stack.one("aws:ec2/vpc:Vpc").inputs["cidrBlock"] == "10.42.0.0/16"

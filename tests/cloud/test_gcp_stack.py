@@ -47,7 +47,7 @@ def test_firewall_admin_cidrs_and_intra_cluster_only(stack: Built) -> None:
     fws = {r.name.rsplit("-", 1)[1]: r.inputs for r in stack.of("gcp:compute/firewall:Firewall")}
     assert set(fws) == {"admin", "intra"}
     assert fws["admin"]["sourceRanges"] == ["203.0.113.0/24"]
-    assert fws["admin"]["allows"] == [{"protocol": "tcp", "ports": ["22", "8443"]}]
+    assert fws["admin"]["allows"] == [{"protocol": "tcp", "ports": ["22", "8443", "8600-8607"]}]
     assert fws["intra"]["sourceTags"] == ["rlfleet-dev"] and "sourceRanges" not in fws["intra"]
     assert stack.one("gcp:compute/network:Network").inputs["autoCreateSubnetworks"] is False
     assert stack.one("gcp:compute/routerNat:RouterNat")

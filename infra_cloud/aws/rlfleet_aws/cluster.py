@@ -72,5 +72,6 @@ class RayGpuCluster(pulumi.ComponentResource):
             out.OUTPUT_HEAD_INSTANCE: head.instance_id,
             out.OUTPUT_WORKER_INSTANCES: pool.instance_ids,
             out.OUTPUT_STACK_TAG: pulumi.Output.from_input(s.stack_id),
+            out.OUTPUT_SERVE_PORTS: pulumi.Output.from_input(list(s.serve_ports)),
         }
         self.register_outputs(self.outputs)

@@ -1,6 +1,6 @@
 """Network: a VPC with one public subnet (or an existing VPC/subnet) and the cluster's security
-group. SSH and the TLS API port are open only to the admin CIDRs; everything else only between
-cluster nodes."""
+group. SSH, the TLS API port and the deploy ports (TLS, the head's nginx) are open only to the admin
+CIDRs; everything else only between cluster nodes."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ def ingress_rules(settings: ClusterSettings) -> list[dict]:
     v4 = [c for c in settings.admin_cidrs if ":" not in c]
     v6 = [c for c in settings.admin_cidrs if ":" in c]
     rules: list[dict] = []
-    for port, what in ((22, "SSH"), (settings.api_port, "Ray Jobs API over TLS")):
-        rule: dict = {"protocol": "tcp", "from_port": port, "to_port": port, "description": f"{what} from admin CIDRs"}
+    serve = settings.serve_ports
+    for first, last, what in ((22, 22, "SSH"), (settings.api_port, settings.api_port, "Ray Jobs API over TLS"),
+                              (min(serve), max(serve), "deployed policies over TLS (the head's nginx)")):
+        rule: dict = {"protocol": "tcp", "from_port": first, "to_port": last,
+                      "description": f"{what} from admin CIDRs"}
         if v4:
             rule["cidr_blocks"] = v4
         if v6:

@@ -23,9 +23,10 @@ def firewall_rules(settings: ClusterSettings) -> list[dict]:
     """(name suffix, allows, source ranges or tags) for the cluster's ingress rules."""
     tag = net_tag(settings.stack)
     return [
-        {"suffix": "admin", "allows": [{"protocol": "tcp", "ports": ["22", str(settings.api_port)]}],
+        {"suffix": "admin", "allows": [{"protocol": "tcp", "ports": [
+            "22", str(settings.api_port), f"{min(settings.serve_ports)}-{max(settings.serve_ports)}"]}],
          "source_ranges": list(settings.admin_cidrs), "target_tags": [tag],
-         "description": "SSH and the TLS Ray Jobs API from the admin CIDRs only"},
+         "description": "SSH, the TLS Ray Jobs API and the TLS deploy ports from the admin CIDRs only"},
         {"suffix": "intra", "allows": [{"protocol": "tcp"}, {"protocol": "udp"}, {"protocol": "icmp"}],
          "source_tags": [tag], "target_tags": [tag], "description": "intra-cluster (Ray GCS, object store, metrics)"},
     ]

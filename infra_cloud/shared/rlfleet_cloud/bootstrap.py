@@ -19,6 +19,7 @@ from rlfleet.stack_outputs import (
     METRIC_EPISODE_RETURN,
     METRIC_STEPS_PER_SECOND,
     PORT_RAY_METRICS,
+    RAY_RESOURCE_SERVE_FRONT,
 )
 
 from .kit import KIT_EXTRAS, KitRef
@@ -199,6 +200,8 @@ def render_bootstrap(settings: ClusterSettings, p: NodeParams) -> str:
         "KIT_CONSTRAINTS_SHA256": p.kit.constraints_sha256,
         "KIT_EXTRAS": KIT_EXTRAS[settings.cloud],
         "API_PORT": str(settings.api_port),
+        "SERVE_PORTS": ",".join(str(x) for x in settings.serve_ports),
+        "SERVE_FRONT_RESOURCE": RAY_RESOURCE_SERVE_FRONT,
         "SECRET_REF": p.secret_ref,
         "CA_CERT_URI": p.ca_cert_uri,
         "ARTIFACT_ROOT": p.artifact_root,
@@ -213,7 +216,6 @@ def render_bootstrap(settings: ClusterSettings, p: NodeParams) -> str:
     out = out.replace("@@PARAMS@@", "\n".join(lines))
     out = out.replace("@@GEN_HEAD_CERT@@", _read("gen_head_cert.sh").replace("# shellcheck shell=bash\n", ""))
     out = out.replace("@@SETUP_MONITORING@@", _monitoring_function(settings, p))
-    out = out.replace("@@TLS_PROXY@@", _read("tls_proxy.py").rstrip("\n"))
     assert "@@" not in out, "unrendered placeholder in bootstrap"
     return out
 

@@ -137,6 +137,7 @@ def target_from_outputs(name: str, outputs: dict[str, Any], *, kind: str | None 
             storage_options=dict(storage_options or {}),
             ca_cert=str(Path(ca_cert).expanduser()),
             provisioner=prov,
+            serve_ports=tuple(int(p) for p in outputs.get(so.OUTPUT_SERVE_PORTS) or ()),
         )
     except ValueError as err:  # pydantic ValidationError is a ValueError
         raise ConfigError(f"{where}: cannot build target {name!r}: {err}") from None

@@ -2,8 +2,8 @@
 # rlfleet node bootstrap, rendered by infra_cloud/shared/rlfleet_cloud/bootstrap.py.
 # Installs the kit the stack shipped (objects in its bucket, pinned by sha256) in /opt/rlfleet/venv,
 # fetches the Ray token from the cloud's secret store (never from this script), starts Ray with
-# token auth as systemd units, and on the head puts a TLS endpoint in front of Ray's dashboard /
-# Jobs API. Safe to run again on every boot.
+# token auth as systemd units, and on the head puts nginx (TLS) in front of Ray's dashboard / Jobs
+# API and of the deploy ports. Safe to run again on every boot.
 set -euo pipefail
 umask 077
 exec >>/var/log/rlfleet-bootstrap.log 2>&1
@@ -100,6 +100,92 @@ install_kit() (
 
 @@SETUP_MONITORING@@
 
+# nginx: the head's TLS front, as on-prem's tls_front role. The DLAMI / Deep Learning VM images
+# have no nginx; apt's lists may be missing on a fresh image (then one update).
+install_nginx() {
+  command -v nginx >/dev/null 2>&1 && return 0
+  log "installing nginx (the TLS front)"
+  local apt=(apt-get -qq -y --no-install-recommends -o Dpkg::Options::=--force-confold)
+  DEBIAN_FRONTEND=noninteractive "${apt[@]}" install nginx >/dev/null 2>&1 || {
+    apt-get -qq update
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install nginx
+  }
+}
+
+# This node's addresses a client may reach the deploy ports on: its private ip, and the static
+# public ip where the node carries it itself (AWS and GCP map it to the private ip instead).
+# Never 0.0.0.0: a deploy run binds 127.0.0.1 on the same port number behind the front.
+front_addresses() {
+  printf '%s\n' "$NODE_IP"
+  if [ -n "$HEAD_PUBLIC_IP" ] && [ "$HEAD_PUBLIC_IP" != "$NODE_IP" ] \
+    && ip -o -4 addr show | grep -q "inet ${HEAD_PUBLIC_IP}/"; then
+    printf '%s\n' "$HEAD_PUBLIC_IP"
+  fi
+}
+
+# nginx.conf of the head: the Ray dashboard / Jobs API on the API port (Ray checks the bearer
+# token; nginx adds TLS) and one server per deploy port (the policy server checks the
+# deployment's own token; 502 while no deployment uses the port). TLS 1.2+, the head certificate.
+render_nginx_conf() {
+  local p addr
+  cat <<EOF
+user www-data;
+worker_processes 1;
+pid /run/nginx.pid;
+error_log /var/log/nginx/error.log warn;
+
+events {
+    worker_connections 512;
+}
+
+http {
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log /var/log/nginx/access.log;
+    server_tokens off;
+    sendfile on;
+
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers off;
+    ssl_certificate /etc/rlfleet/tls/server.pem;
+    ssl_certificate_key /etc/rlfleet/tls/server.key;
+    ssl_session_cache shared:rlfleet:1m;
+
+    server {
+        listen 0.0.0.0:${API_PORT} ssl;
+        client_max_body_size 512m;
+        location / {
+            proxy_pass http://127.0.0.1:8265;
+            proxy_http_version 1.1;
+            proxy_set_header Host \$host;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+            proxy_buffering off;
+        }
+    }
+EOF
+  for p in ${SERVE_PORTS//,/ }; do
+    echo
+    echo "    server {"
+    for addr in $(front_addresses); do
+      echo "        listen ${addr}:${p} ssl;"
+    done
+    cat <<EOF
+        client_max_body_size 8m;
+        location / {
+            proxy_pass http://127.0.0.1:${p};
+            proxy_http_version 1.1;
+            proxy_set_header Host \$host;
+            proxy_set_header Connection "";
+            proxy_read_timeout 60s;
+        }
+    }
+EOF
+  done
+  echo "}"
+}
+
 log "start (stack ${STACK})"
 if ! id rlfleet >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/rlfleet --create-home --shell /usr/sbin/nologin rlfleet
@@ -133,33 +219,23 @@ if [ "$ROLE" = head ]; then
   if [ ! -s /etc/rlfleet/tls/server.pem ]; then
     log "generating the head's TLS certificate"
     gen_head_cert /etc/rlfleet/tls "$HEAD_PUBLIC_IP" "$NODE_IP"
-    chown -R rlfleet:rlfleet /etc/rlfleet/tls
   fi
   publish_ca /etc/rlfleet/tls/ca.pem
-  cat >/opt/rlfleet/tls_proxy.py <<'PYEOF'
-@@TLS_PROXY@@
-PYEOF
-  chmod 0644 /opt/rlfleet/tls_proxy.py
+  install_nginx
+  render_nginx_conf >/etc/nginx/nginx.conf.rlfleet
+  mv -f /etc/nginx/nginx.conf.rlfleet /etc/nginx/nginx.conf
+  chmod 0644 /etc/nginx/nginx.conf
+  nginx -t -q
+  # a deploy run is placed on the head by this resource (one per deploy port) and learns the
+  # front from the unit's environment, as on-prem's tls_front role sets it
+  serve_slots="$(tr ',' '\n' <<<"$SERVE_PORTS" | grep -c .)"
   ray_args="--head --port=6379 --dashboard-host=127.0.0.1 --dashboard-port=8265 --num-gpus=0 --temp-dir=/var/lib/rlfleet/ray"
-  cat >/etc/systemd/system/rlfleet-tls-proxy.service <<UNIT
-[Unit]
-Description=rlfleet TLS endpoint for the Ray Jobs API
-After=network-online.target rlfleet-ray.service
-
-[Service]
-User=rlfleet
-ExecStart=/opt/rlfleet/venv/bin/python /opt/rlfleet/tls_proxy.py --listen 0.0.0.0:${API_PORT} --upstream 127.0.0.1:8265 --cert /etc/rlfleet/tls/server.pem --key /etc/rlfleet/tls/server.key
-Restart=always
-NoNewPrivileges=true
-ProtectSystem=strict
-ProtectHome=true
-PrivateTmp=true
-
-[Install]
-WantedBy=multi-user.target
-UNIT
+  ray_args="${ray_args} '--resources={\"${SERVE_FRONT_RESOURCE}\": ${serve_slots}}'"
+  serve_front_env="Environment=RLFLEET_SERVE_TLS_ADDRESS=${HEAD_PUBLIC_IP}
+Environment=RLFLEET_SERVE_TLS_PORTS=${SERVE_PORTS}"
 else
   ray_args="--address=${HEAD_PRIVATE_IP}:6379 --num-gpus=${GPU_COUNT}"
+  serve_front_env=""
 fi
 
 cat >/etc/systemd/system/rlfleet-ray.service <<UNIT
@@ -173,6 +249,7 @@ User=rlfleet
 EnvironmentFile=/etc/rlfleet/ray.env
 # Ray runs the SDK's job entrypoint ("python -m rlfleet_agents.run") with this PATH: the kit's venv
 Environment=PATH=/opt/rlfleet/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+${serve_front_env}
 ExecStart=/opt/rlfleet/venv/bin/ray start --block ${ray_args} --node-ip-address=${NODE_IP} --metrics-export-port=8080
 ExecStop=/opt/rlfleet/venv/bin/ray stop
 Restart=on-failure
@@ -185,7 +262,8 @@ UNIT
 systemctl daemon-reload
 systemctl enable --now rlfleet-ray.service
 if [ "$ROLE" = head ]; then
-  systemctl enable --now rlfleet-tls-proxy.service
+  systemctl enable nginx.service
+  systemctl restart nginx.service
 fi
 
 if [ "$MAX_LIFETIME_MIN" -gt 0 ]; then
