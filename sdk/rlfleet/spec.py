@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlfleet._yaml import yaml_problem
+from rlfleet.constants import run_label
 from rlfleet.errors import SpecError
 
 AGENTS = ("ppo", "dqn", "random")
@@ -162,7 +163,7 @@ class RunSpec(_Frozen):
     # -- helpers ------------------------------------------------------------------------------
     @property
     def label(self) -> str:
-        return self.name or f"{self.agent}-{_slugify(self.env)}"
+        return run_label(self.name, self.agent, self.env)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_defaults=False)
@@ -219,11 +220,6 @@ class RunSpec(_Frozen):
         if p.suffix == ".json":
             return cls.from_json(text)
         return cls.from_yaml(text)
-
-
-def _slugify(text: str) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s[:40] or "run"
 
 
 def _check_agent_config(agent: str, config: dict[str, Any]) -> None:

@@ -3,12 +3,28 @@
 The programs in ``infra_cloud/aws`` and ``infra_cloud/gcp`` export their stack outputs under
 these keys; :mod:`rlfleet.provisioners.pulumi_stack` reads them back to build a Target. This
 module imports nothing but the standard library so a Pulumi program can import it cheaply.
+Tag and label keys and ports are :mod:`rlfleet.constants`' (re-exported here for the programs).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+
+from rlfleet.constants import (  # noqa: F401 - re-exported: the programs and tests import them from here
+    AWS_TAG_MANAGED,
+    AWS_TAG_STACK,
+    CONTROL_PORTS,
+    GCP_LABEL_MANAGED,
+    GCP_LABEL_STACK,
+    PORT_API_DEFAULT,
+    PORT_RAY_CLIENT,
+    PORT_RAY_DASHBOARD,
+    PORT_RAY_GCS,
+    PORT_RAY_METRICS,
+    PORT_SSH,
+    slug,
+)
 
 # -- stack output keys ------------------------------------------------------------------------
 OUTPUT_RAY_ADDRESS = "ray_address"  # https://<head static ip>:<api port> (TLS, pinned CA)
@@ -21,7 +37,6 @@ OUTPUT_REGION = "region"
 OUTPUT_HEAD_INSTANCE = "head_instance"  # instance id (aws) / name (gcp)
 OUTPUT_WORKER_INSTANCES = "worker_instances"
 OUTPUT_STACK_TAG = "stack_tag"  # the stack id (make_stack_id): value of rlfleet:stack / rlfleet-stack
-OUTPUT_SERVE_PORTS = "serve_ports"  # deploy ports the head's TLS front (nginx) serves: Target.serve_ports
 
 ALL_OUTPUTS = (
     OUTPUT_RAY_ADDRESS,
@@ -34,31 +49,10 @@ ALL_OUTPUTS = (
     OUTPUT_HEAD_INSTANCE,
     OUTPUT_WORKER_INSTANCES,
     OUTPUT_STACK_TAG,
-    OUTPUT_SERVE_PORTS,
 )
 REQUIRED_OUTPUTS = (OUTPUT_RAY_ADDRESS, OUTPUT_ARTIFACT_ROOT, OUTPUT_TOKEN_SECRET, OUTPUT_REGION)
 SECRET_OUTPUTS = (OUTPUT_RAY_TOKEN,)
 
-# -- tags / labels (ARCHITECTURE.md) ----------------------------------------------------------
-AWS_TAG_STACK = "rlfleet:stack"
-AWS_TAG_MANAGED = "rlfleet:managed"
-GCP_LABEL_STACK = "rlfleet-stack"
-GCP_LABEL_MANAGED = "rlfleet-managed"
-
-# -- ports ------------------------------------------------------------------------------------
-PORT_SSH = 22
-PORT_API_DEFAULT = 8443  # TLS proxy in front of Ray's dashboard / Jobs API (127.0.0.1:8265)
-PORT_RAY_GCS = 6379
-PORT_RAY_DASHBOARD = 8265
-PORT_RAY_CLIENT = 10001
-PORT_RAY_METRICS = 8080  # Ray's Prometheus endpoint on every node (scraped locally only)
-CONTROL_PORTS = (PORT_SSH, PORT_API_DEFAULT, PORT_RAY_GCS, PORT_RAY_DASHBOARD, PORT_RAY_CLIENT)
-# Deploy runs: the head's nginx serves https://<head address>:<p> for a policy server on
-# 127.0.0.1:<p> (the same list as on-prem's tls_front_serve_ports), open to the admin CIDRs only.
-SERVE_PORTS_DEFAULT = (8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
-# The Ray resource the head offers once per deploy port; a deploy run on a cloud target asks for
-# one, so Ray places it on the node with the TLS front and its certificate (workers have neither).
-RAY_RESOURCE_SERVE_FRONT = "rlfleet_serve_front"
 
 # -- metric names (ARCHITECTURE.md; Ray prefixes ray_) -----------------------------------------
 METRIC_EPISODE_RETURN = "ray_rlfleet_episode_return"
@@ -85,8 +79,7 @@ def make_stack_id(*, cloud: str, account: str, region: str, organization: str, p
     region, Pulumi organization, Pulumi project, stack)."""
     parts = [cloud, account, region, organization, project, stack]
     digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:_ID_HASH_LEN]
-    slug = re.sub(r"[^a-z0-9_-]+", "-", stack.lower()).strip("-_")[:40].rstrip("-_") or "stack"
-    return f"{slug}-{digest}"
+    return f"{slug(stack, max_len=40, fallback='stack')}-{digest}"
 
 
 def is_stack_id(value: str) -> bool:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from rlfleet.constants import AWS_TAG_MANAGED, AWS_TAG_STACK
 from rlfleet_cloud.settings import ClusterSettings, require_stack_id
-
-from rlfleet.stack_outputs import AWS_TAG_MANAGED, AWS_TAG_STACK
 
 PROJECT = "rlfleet-aws"
 

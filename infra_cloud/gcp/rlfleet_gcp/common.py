@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from rlfleet.constants import GCP_LABEL_MANAGED, GCP_LABEL_ROLE, GCP_LABEL_STACK
 from rlfleet_cloud.settings import ClusterSettings, require_stack_id
-
-from rlfleet.stack_outputs import GCP_LABEL_MANAGED, GCP_LABEL_STACK
 
 PROJECT = "rlfleet-gcp"
 
@@ -13,7 +12,7 @@ def labels(s: ClusterSettings, role: str = "") -> dict[str, str]:
     """Labels for every labelable resource (GCP label keys cannot contain ':'); the stack id."""
     out = {GCP_LABEL_STACK: require_stack_id(s), GCP_LABEL_MANAGED: "true"}
     if role:
-        out["rlfleet-role"] = role
+        out[GCP_LABEL_ROLE] = role
     return out
 
 

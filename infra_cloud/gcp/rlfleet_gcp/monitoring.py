@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pulumi
 import pulumi_gcp as gcp
-from rlfleet_cloud.settings import ClusterSettings
 
-from rlfleet.stack_outputs import GCP_LABEL_STACK, METRIC_EPISODE_RETURN, METRIC_STEPS_PER_SECOND
+from rlfleet.constants import GCP_LABEL_ROLE, GCP_LABEL_STACK
+from rlfleet.stack_outputs import METRIC_EPISODE_RETURN, METRIC_STEPS_PER_SECOND
+from rlfleet_cloud.settings import ClusterSettings
 
 from .common import labels, stack_marker, vm_name, vm_roles
 
@@ -25,7 +26,7 @@ def _vm_filter(stack_id: str, metric: str, role: str | None = None) -> str:
     f = (f'resource.type = "gce_instance" AND metric.type = "{metric}" '
          f'AND metadata.user_labels."{GCP_LABEL_STACK}" = "{stack_id}"')
     if role:
-        f += f' AND metadata.user_labels."rlfleet-role" = "{role}"'
+        f += f' AND metadata.user_labels."{GCP_LABEL_ROLE}" = "{role}"'
     return f
 
 

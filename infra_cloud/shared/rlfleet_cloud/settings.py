@@ -14,7 +14,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from rlfleet.stack_outputs import PORT_API_DEFAULT, PORT_SSH, SERVE_PORTS_DEFAULT, make_stack_id
+from rlfleet.constants import RAY_OWN_PORTS, cloud_defaults
+from rlfleet.stack_outputs import PORT_SSH, make_stack_id
 
 
 class StackConfigError(ValueError):
@@ -85,40 +86,6 @@ def world_open_reason(cidrs: Iterable[str]) -> str | None:
             reasons.append(f"{family} {size} in total, more than a /{limit}")
     return "; ".join(reasons) or None
 
-DEFAULTS: dict[str, dict[str, str]] = {
-    "aws": {
-        "head_instance_type": "m6i.xlarge",
-        "worker_instance_type": "g5.xlarge",
-        "image_family": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
-        "image_owner": "amazon",
-    },
-    "gcp": {
-        "head_instance_type": "n2-standard-4",
-        "worker_instance_type": "g2-standard-8",
-        "image_family": "common-cu128-ubuntu-2204-nvidia-570",
-        "image_owner": "deeplearning-platform-release",
-    },
-    "common": {
-        "network_cidr": "10.42.0.0/16",
-        "subnet_cidr": "10.42.1.0/24",
-        "worker_count": "1",
-        "spot": "false",
-        "disk_size_gb": "200",
-        "api_port": str(PORT_API_DEFAULT),
-        "idle_minutes": "30",
-        "max_lifetime_hours": "0",
-        "disk_alarm_percent": "90",
-        "checkpoint_noncurrent_days": "14",
-        "checkpoint_archive_days": "30",
-        "log_retention_days": "30",
-        "ray_version": "2.60.0",
-        "allow_world_control_ports": "false",
-        "secure_boot": "true",
-        "alert_email": "",
-        "zone": "",
-    },
-}
-
 
 @dataclass(frozen=True)
 class ClusterSettings:
@@ -158,11 +125,6 @@ class ClusterSettings:
     def control_ports(self) -> tuple[int, ...]:
         """Ports reachable from the admin CIDRs (SSH and the TLS API endpoint)."""
         return (PORT_SSH, self.api_port)
-
-    @property
-    def serve_ports(self) -> tuple[int, ...]:
-        """Deploy ports the head's TLS front serves (also reachable from the admin CIDRs only)."""
-        return SERVE_PORTS_DEFAULT
 
 
 def with_stack_id(s: ClusterSettings, *, account: str, region: str, organization: str,
@@ -282,7 +244,7 @@ _REMOVED = {
 def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) -> ClusterSettings:
     if cloud not in ("aws", "gcp"):
         raise StackConfigError(f"unknown cloud {cloud!r}")
-    defaults = {**DEFAULTS["common"], **DEFAULTS[cloud]}
+    defaults = cloud_defaults(cloud)  # rlfleet.constants: the one copy (Pulumi.yaml is checked against it)
 
     def val(key: str) -> str:
         raw = get(key)
@@ -301,7 +263,7 @@ def parse_settings(cloud: str, get: Callable[[str], str | None], *, stack: str) 
     worker_type = val("worker_instance_type")
     gpu_type, gpu_count = _gpu(cloud, worker_type, get("gpu_type"), get("gpu_count"))
     api_port = _int("api_port", val("api_port"), 1024, 65535)
-    if api_port in (6379, 8265, 10001, 8080):
+    if api_port in RAY_OWN_PORTS:
         raise StackConfigError(f"config api_port: {api_port} is one of Ray's own ports; use e.g. 8443")
     for key, why in _REMOVED.items():
         if get(key) is not None:

@@ -238,7 +238,7 @@ def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
     from rlfleet.stored_run import stored_runs
 
     store = tgt.store()
-    docs = [
+    docs: list[dict[str, Any]] = [
         {"run_id": r.run_id, "artifact_uri": r.uri, "complete": r.complete, "state": r.state, "problem": r.problem,
          "kind": r.kind, "name": r.name, "wall_time_s": r.extra.get("wall_time_s"),
          "gpu_hours": r.extra.get("gpu_hours")}

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-AWS_STACK_TAG = "rlfleet:stack"
-AWS_MANAGED_TAG = "rlfleet:managed"
-GCP_STACK_LABEL = "rlfleet-stack"
-GCP_MANAGED_LABEL = "rlfleet-managed"
+from rlfleet.constants import AWS_TAG_MANAGED as AWS_MANAGED_TAG  # noqa: F401 - names the scanners import
+from rlfleet.constants import AWS_TAG_STACK as AWS_STACK_TAG  # noqa: F401
+from rlfleet.constants import GCP_LABEL_MANAGED as GCP_MANAGED_LABEL  # noqa: F401
+from rlfleet.constants import GCP_LABEL_STACK as GCP_STACK_LABEL  # noqa: F401
 
 
 @dataclass(frozen=True)

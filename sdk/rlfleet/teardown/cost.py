@@ -18,17 +18,11 @@ from typing import Any
 
 import yaml
 
+from rlfleet.constants import cloud_defaults
 from rlfleet.errors import ConfigError
 from rlfleet.targets import Target
 
 PRICES_FILE = Path(__file__).resolve().parent.parent / "data" / "prices.yaml"
-
-# Defaults of the cloud programs (infra_cloud/shared/rlfleet_cloud/settings.py DEFAULTS).
-DEFAULTS = {
-    "aws": {"head_instance_type": "m6i.xlarge", "worker_instance_type": "g5.xlarge"},
-    "gcp": {"head_instance_type": "n2-standard-4", "worker_instance_type": "g2-standard-8"},
-    "common": {"worker_count": "1", "disk_size_gb": "200", "spot": "false", "idle_minutes": "30"},
-}
 
 
 @dataclass
@@ -124,7 +118,7 @@ def estimate(cloud: str, cfg: dict[str, str], *, stack: str, prices: dict[str, A
     if cloud not in ("aws", "gcp"):
         raise ConfigError(f"cost estimates cover aws and gcp stacks, not {cloud!r}")
     table = prices[cloud]
-    d = {**DEFAULTS["common"], **DEFAULTS[cloud]}
+    d = cloud_defaults(cloud)  # what the programs use for keys the stack config leaves unset
     head = cfg.get("head_instance_type", d["head_instance_type"])
     worker = cfg.get("worker_instance_type", d["worker_instance_type"])
     workers = _num(cfg, "worker_count", d["worker_count"])
@@ -158,7 +152,7 @@ def estimate(cloud: str, cfg: dict[str, str], *, stack: str, prices: dict[str, A
     est.lines.append((f"disks {disk} GB x{nodes}", float(table["disk_gb_month"]) * disk * nodes / hours))
     if region != table["region"]:
         est.notes.append(f"prices are for {table['region']}; {region} may differ")
-    if cfg.get("spot", "false") == "true":
+    if cfg.get("spot", d["spot"]) == "true":
         est.notes.append("spot workers: the real price is usually well below this on-demand figure")
     idle = cfg.get("idle_minutes", d["idle_minutes"])
     est.notes.append(f"upper bound: all nodes running all month; idle auto-stop after {idle} min lowers it")
