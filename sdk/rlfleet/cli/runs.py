@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from rlfleet.cli._common import console, json_option, print_json, table, target_option
-from rlfleet.errors import RunFailed, SpecError
+from rlfleet.errors import ArtifactError, RlfleetError, RunFailed, SpecError
+from rlfleet.runs import get_run
 
 
 def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -258,29 +260,37 @@ def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
     )
 
 
-@click.command("status")
-@click.argument("run_id")
-@target_option
-@json_option
+def _run_command(name: str, *options: Any, with_json: bool = True) -> Callable[[Callable[..., None]], click.Command]:
+    """A command on one run: ``RUN_ID``, ``--target``, then ``options``, then ``--json``."""
+
+    def wrap(fn: Callable[..., None]) -> click.Command:
+        for deco in (*((json_option,) if with_json else ()), *reversed(options), target_option,
+                     click.argument("run_id")):
+            fn = deco(fn)
+        return click.command(name)(fn)
+
+    return wrap
+
+
+def _show(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
+    """Print ``doc`` as JSON with --json, else the human form."""
+    if as_json:
+        print_json(doc)
+    else:
+        human()
+
+
+@_run_command("status")
 def status_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Show RUN_ID's status."""
-    from rlfleet.runs import get_run
-
     info = get_run(run_id, target).info()
-    if as_json:
-        print_json(info)
-    else:
-        _print_run(info)
+    _show(as_json, info, lambda: _print_run(info))
 
 
-@click.command("logs")
-@click.argument("run_id")
-@target_option
-@click.option("-f", "--follow", is_flag=True, help="Keep printing until the run ends.")
+@_run_command("logs", click.option("-f", "--follow", is_flag=True, help="Keep printing until the run ends."),
+              with_json=False)
 def logs_cmd(run_id: str, target: str | None, follow: bool) -> None:
     """Print RUN_ID's logs."""
-    from rlfleet.runs import get_run
-
     run = get_run(run_id, target)
     if follow:
         for chunk in run.logs(follow=True):
@@ -289,16 +299,9 @@ def logs_cmd(run_id: str, target: str | None, follow: bool) -> None:
         click.echo(run.logs(), nl=False)
 
 
-@click.command("wait")
-@click.argument("run_id")
-@target_option
-@click.option("--timeout", type=float, help="Give up after this many seconds.")
-@json_option
+@_run_command("wait", click.option("--timeout", type=float, help="Give up after this many seconds."))
 def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait for RUN_ID to end (deploy: to serve); exit non-zero if it failed."""
-    from rlfleet.errors import RlfleetError
-    from rlfleet.runs import get_run
-
     run = get_run(run_id, target)
     try:
         if as_json or timeout is not None:
@@ -307,84 +310,51 @@ def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bo
             status = _wait_with_progress(run, quiet=False)
     except TimeoutError as err:
         raise RlfleetError(str(err)) from None
-    if as_json:
-        print_json(run.info())
-    else:
-        click.echo(f"{run_id} {status.value}")
+    _show(as_json, run.info() if as_json else None, lambda: click.echo(f"{run_id} {status.value}"))
     if status.value in ("FAILED", "CANCELLED"):
         raise RunFailed(f"run {run_id} ended {status.value}: {run.failure_reason()}")
 
 
-@click.command("cancel")
-@click.argument("run_id")
-@target_option
-@json_option
+@_run_command("cancel")
 def cancel_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Cancel RUN_ID (and its deployment). A finished run is left as it is."""
-    from rlfleet.runs import get_run
-
     run = get_run(run_id, target)
     stopped = run.cancel()
-    if as_json:
-        print_json({"run_id": run_id, "stopped": stopped, "status": run.status().value})
-    else:
-        click.echo(
-            f"{run_id}: {'cancelled' if stopped else 'already ' + run.status().value.lower() + ', nothing to do'}"
-        )
+    status = run.status().value
+    _show(as_json, {"run_id": run_id, "stopped": stopped, "status": status}, lambda: click.echo(
+        f"{run_id}: {'cancelled' if stopped else 'already ' + status.lower() + ', nothing to do'}"))
 
 
-@click.command("artifacts")
-@click.argument("run_id")
-@target_option
-@json_option
+@_run_command("artifacts")
 def artifacts_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """List RUN_ID's artifacts and verify them against its manifest."""
     from rlfleet.targets import get_target
 
-    tgt = get_target(target)
-    arts = tgt.store().run(run_id)
+    arts = get_target(target).store().run(run_id)
     files = arts.list_files()
     if not files:
-        from rlfleet.errors import ArtifactError
-
         raise ArtifactError(f"run {run_id} has no artifacts under {arts.uri}")
     complete = arts.is_complete()
     manifest = arts.verify() if complete else None
+    entries = manifest.files if manifest else {}
     doc = {
         "run_id": run_id,
         "uri": arts.uri,
         "complete": complete,
         "verified": manifest is not None,
-        "files": [
-            {
-                "path": f,
-                "size": manifest.files[f].size if manifest and f in manifest.files else None,
-                "sha256": manifest.files[f].sha256 if manifest and f in manifest.files else None,
-            }
-            for f in files
-        ],
+        "files": [{"path": f, "size": entries[f].size if f in entries else None,
+                   "sha256": entries[f].sha256 if f in entries else None} for f in files],
         "extra": manifest.extra if manifest else {},
     }
-    if as_json:
-        print_json(doc)
-        return
-    table(
+    _show(as_json, doc, lambda: table(
         ["path", "bytes", "sha256"],
         [[f["path"], f["size"], (f["sha256"] or "")[:16]] for f in doc["files"]],
         title=f"{arts.uri}  ({'complete, verified' if complete else 'INCOMPLETE: no manifest.json'})",
-    )
+    ))
 
 
-@click.command("endpoint")
-@click.argument("run_id")
-@target_option
-@json_option
+@_run_command("endpoint")
 def endpoint_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Show the URL of deploy run RUN_ID (the token is not printed)."""
-    from rlfleet.runs import get_run
-
     ep = get_run(run_id, target).endpoint()
-    if as_json:
-        print_json({"url": ep.url, "act_url": ep.act_url})
-    else:
-        click.echo(ep.act_url)
+    _show(as_json, {"url": ep.url, "act_url": ep.act_url}, lambda: click.echo(ep.act_url))

@@ -45,18 +45,10 @@ class Estimate:
         return self.hourly * self.hours_per_month
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cloud": self.cloud,
-            "stack": self.stack,
-            "region": self.region,
-            "currency": self.currency,
-            "prices_as_of": self.as_of,
-            "label": "estimate",
-            "hourly": round(self.hourly, 4),
-            "monthly": round(self.monthly, 2),
-            "lines": [{"item": k, "hourly": round(v, 4)} for k, v in self.lines],
-            "notes": self.notes,
-        }
+        doc = {key: getattr(self, key) for key in ("cloud", "stack", "region", "currency", "notes")}
+        doc.update(prices_as_of=self.as_of, label="estimate", hourly=round(self.hourly, 4),
+                   monthly=round(self.monthly, 2), lines=[{"item": k, "hourly": round(v, 4)} for k, v in self.lines])
+        return doc
 
     def format(self) -> str:
         out = [f"Cost ESTIMATE for {self.cloud} stack {self.stack!r} ({self.region}), "
