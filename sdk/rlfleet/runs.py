@@ -15,6 +15,7 @@ from typing import Any
 
 from rlfleet.artifacts import ArtifactStore
 from rlfleet.errors import ArtifactError, IncompleteRunError, RlfleetError, RunFailed
+from rlfleet.provisioners import registry
 from rlfleet.spec import Kind, RunSpec
 from rlfleet.stored_run import DAMAGED, StoredRun, open_stored_run, read_stored_run
 from rlfleet.targets import Target, get_target
@@ -281,11 +282,7 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     if not isinstance(spec, RunSpec):
         raise RlfleetError(f"submit_run() takes a RunSpec, not {type(spec).__name__}")
     packages = preflight.check_spec(spec)  # facts about this machine, checked here and never on the cluster
-    tgt = get_target(target)
-    if tgt.kind == "local":
-        from rlfleet.local import ensure_local_up
-
-        tgt = ensure_local_up()
+    tgt = registry.ready(get_target(target))  # the local head starts here
     client = _client(tgt)
     env_from_source = False
     if spec.source:
@@ -359,7 +356,7 @@ def _placement(tgt: Target, spec: RunSpec) -> dict[str, float] | None:
     front (nginx) and the certificate for the address clients use (infra_cloud bootstrap)."""
     from rlfleet.stack_outputs import RAY_RESOURCE_SERVE_FRONT
 
-    if spec.kind is Kind.DEPLOY and tgt.kind in ("aws", "gcp") and tgt.serve_ports:
+    if spec.kind is Kind.DEPLOY and registry.deploys_on_head_front(tgt) and tgt.serve_ports:
         return {RAY_RESOURCE_SERVE_FRONT: 1}
     return None
 

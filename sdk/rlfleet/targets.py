@@ -18,22 +18,30 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_serializer,
+)
 
 from rlfleet._yaml import yaml_problem
 from rlfleet.errors import AuthError, ConfigError, TargetNotFound
+from rlfleet.paths import local_token_path, read_local_state, rlfleet_home
+from rlfleet.provisioners.refs import LocalRef, NoRef, ProvisionerRef, upgrade_old_mapping
+from rlfleet.provisioners.registry import TargetKind, check_ref
 
-TargetKind = Literal["local", "aws", "gcp", "onprem", "ray"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _NAME_RULE = "target names are 1-63 lowercase letters, digits, '-' and '_', starting with a letter or digit"
-
-
-def rlfleet_home() -> Path:
-    """Where rlfleet keeps local state (local cluster, default artifact root)."""
-    return Path(os.environ.get("RLFLEET_HOME", "~/.rlfleet")).expanduser()
 
 
 class Target(BaseModel):
@@ -50,10 +58,11 @@ class Target(BaseModel):
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (no secrets)")
     ca_cert: str | None = Field(default=None, description="PEM file pinning the head's TLS certificate")
-    provisioner: dict[str, Any] = Field(
-        default_factory=dict,
-        description="{'type': 'pulumi', 'project_dir': ..., 'stack': ...} | "
-        "{'type': 'ansible', 'inventory': ..., 'playbook_dir': ...} | {'type': 'local'} | {}",
+    provisioner: ProvisionerRef = Field(
+        default=NoRef(type="none"),
+        description="what owns the target (rlfleet.provisioners.refs): {type: pulumi, project_dir, stack, ...} | "
+        "{type: ansible, inventory, playbook_dir, ...} | {type: local} | {type: none}; "
+        "targets saved without a type (older rlfleet) are read too",
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="extra env for runs (no secrets)")
     serve_ports: tuple[int, ...] = Field(
@@ -66,6 +75,28 @@ class Target(BaseModel):
         if not _NAME.match(v):
             raise ValueError(_NAME_RULE)
         return v
+
+    @field_serializer("provisioner")
+    def _provisioner_as_saved(self, v: Any) -> dict[str, Any]:
+        return {k: v[k] for k in v.keys()}  # unset fields left out; a target nobody provisions: {}
+
+    @model_serializer(mode="wrap")
+    def _without_default_provisioner(self, handler: SerializerFunctionWrapHandler,
+                                     info: SerializationInfo) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if info.exclude_defaults and isinstance(self.provisioner, NoRef):  # the default, as before
+            data.pop("provisioner", None)
+        return data
+
+    @field_validator("provisioner", mode="before")
+    @classmethod
+    def _provisioner_old_format(cls, v: Any) -> Any:
+        return upgrade_old_mapping(v)
+
+    @field_validator("provisioner")
+    @classmethod
+    def _provisioner_fits_kind(cls, v: Any, info: ValidationInfo) -> Any:
+        return check_ref(info.data["kind"], v) if "kind" in info.data else v
 
     @field_validator("env_vars")
     @classmethod
@@ -250,8 +281,6 @@ def get_target(name: str | Target | None = None) -> Target:
     if name in targets:
         return targets[name]
     if name == "local":
-        from rlfleet.local import local_target
-
         return local_target()
     known = ", ".join(sorted({"local", *targets})) or "local"
     raise TargetNotFound(f"no target named {name!r} (known: {known}); add one with 'rlfleet target add'")
@@ -260,7 +289,20 @@ def get_target(name: str | Target | None = None) -> Target:
 def list_targets() -> list[Target]:
     targets = load_targets()
     if "local" not in targets:
-        from rlfleet.local import local_target
-
         targets = {"local": local_target(), **targets}
     return list(targets.values())
+
+
+def local_target() -> Target:
+    """The embedded local target as data. It works with no config; the port comes from the running
+    head's state (rlfleet.provisioners.local starts and stops that head)."""
+    st = read_local_state()
+    return Target(
+        name="local",
+        kind="local",
+        ray_address=f"http://127.0.0.1:{st.get('dashboard_port', 8265)}",
+        token_source=f"file:{local_token_path()}",
+        artifact_root="file://" + str(rlfleet_home()),
+        provisioner=LocalRef(type="local"),
+        serve_ports=tuple(st.get("serve_ports", [])),
+    )

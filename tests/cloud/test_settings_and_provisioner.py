@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import boto3
@@ -147,19 +146,27 @@ def test_describe_resources_excludes_retained_data() -> None:
     assert pulumi_stack.retained_resources(dep) == ["aws:s3/bucket:Bucket rlfleet-dev-abc"]
 
 
-def test_scan_leftovers_calls_the_teardown_scanner(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = {}
+def test_scan_leftovers_is_the_sweep_that_down_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One leftover scanner: the provisioner's scan_leftovers is the tag sweep's scan that
+    'rlfleet down' verifies with (was: a second scanner down never called, without the IAM rule)."""
+    from rlfleet.provisioners import registry
+    from rlfleet.teardown import Leftover, aws
 
-    def scan_stack(stack: str, **conn: str) -> list[str]:
-        seen.update(stack=stack, **conn)
-        return ["arn:aws:ec2:us-east-1:1:instance/i-1"]
+    seen: list[dict[str, object]] = []
 
-    fake = types.ModuleType("rlfleet.teardown.aws")
-    fake.scan_stack = scan_stack  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rlfleet.teardown.aws", fake)
+    def scan_stack(stack: str, **conn: object) -> list[Leftover]:
+        seen.append({"stack": stack, **conn})
+        return [Leftover("aws", "ec2:instance", "i-1", region="us-east-1")]
+
+    monkeypatch.setattr(aws, "scan_stack", scan_stack)
     t = _target(stack_tag="dev", region="us-east-1")
-    assert pulumi_stack.scan_leftovers(t) == ["arn:aws:ec2:us-east-1:1:instance/i-1"]
-    assert seen == {"stack": "dev", "region": "us-east-1"}
+    sweep = registry.sweep_of(t)
+    assert sweep is not None
+    found = [Leftover("aws", "ec2:instance", "i-1", region="us-east-1")]
+    assert pulumi_stack.scan_leftovers(t) == sweep.scan() == found
+    # a bare stack name (made before stack ids) is shared by every region's stack: no global IAM pass
+    assert seen == [{"stack": "dev", "region": "us-east-1", "include_iam": False}] * 2
+    assert sweep.note is not None and "bare stack name 'dev'" in sweep.note
 
 
 def test_importing_the_provisioner_stays_light() -> None:

@@ -29,13 +29,13 @@ def _confirm(question: str) -> bool:
 def up(target_name: str, yes: bool, as_json: bool) -> None:
     """Provision TARGET (Pulumi / Ansible / local); shows the cost estimate first for clouds."""
     from rlfleet.errors import ConfirmationRequired
-    from rlfleet.provisioners import for_kind
+    from rlfleet.provisioners import registry
     from rlfleet.targets import get_target, save_target
 
     target = get_target(target_name)
     echo = (lambda m: None) if as_json else _echo_err
     est = None
-    if target.kind in ("aws", "gcp"):
+    if registry.estimate_before_up(target):
         from rlfleet.teardown.cost import estimate_target
 
         est = estimate_target(target)
@@ -49,8 +49,8 @@ def up(target_name: str, yes: bool, as_json: bool) -> None:
                 )
             if not _confirm(f"Create these resources (~{est.hourly:.2f} {est.currency}/h)?"):
                 raise ConfirmationRequired(f"not confirmed: nothing of target {target.name!r} was created")
-    new = for_kind(target.kind).up(target, echo=echo)
-    path = save_target(new) if new.kind != "local" else None
+    new = registry.provisioner_of(target).up(target, echo=echo)
+    path = save_target(new) if registry.saved_after_up(new) else None
     if as_json:
         print_json({"target": new.model_dump(mode="json"), "saved_to": str(path) if path else None,
                     "estimate": est.to_dict() if est else None})

@@ -201,6 +201,7 @@ def _print_run(info: dict[str, Any]) -> None:
 def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> None:
     """List runs on a target, newest first (with wall time and GPU-hours)."""
     from rlfleet.errors import AuthError, ClusterUnreachable
+    from rlfleet.provisioners.registry import head_down_note
     from rlfleet.runs import list_runs
     from rlfleet.targets import get_target
 
@@ -209,13 +210,10 @@ def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> Non
         try:
             runs = list_runs(tgt)[:limit]
         except (ClusterUnreachable, AuthError) as err:
-            if tgt.kind != "local" and not isinstance(err, ClusterUnreachable):
+            note = head_down_note(tgt, err)
+            if note is None:
                 raise
             stored = True  # the head is down: show what the target's artifact store holds
-            if tgt.kind == "local":
-                note = "the local Ray head is not running (start it with 'rlfleet local up')"
-            else:
-                note = str(err)
             click.echo(f"{note}; runs in its artifact store {tgt.reader_artifact_root}:", err=True)
     if stored:
         _print_stored_runs(tgt, limit, as_json)

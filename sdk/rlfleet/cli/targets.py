@@ -99,45 +99,26 @@ def add_cmd(
 def _new_target(kind: str, name: str, stack: str | None, outputs_file: str | None, inventory: str | None,
                 vault_password_file: str | None, address: str | None, token_file: str | None,
                 artifact_root: str | None, client_artifact_root: str | None, ca_cert: str | None) -> Any:
-    from rlfleet.errors import ConfigError
-    from rlfleet.targets import Target, check_target_name
+    from rlfleet.provisioners import registry
+    from rlfleet.targets import check_target_name
 
     check_target_name(name)
-    if kind == "ray":
-        missing = [
-            f
-            for f, v in (("--address", address), ("--token-file", token_file), ("--artifact-root", artifact_root))
-            if not v
-        ]
-        if missing:
-            raise ConfigError(f"'target add ray' needs {', '.join(missing)}")
-        target = Target(
-            name=name,
-            kind="ray",
-            ray_address=str(address),
-            token_source=f"file:{token_file}",
-            artifact_root=str(artifact_root),
-            client_artifact_root=client_artifact_root,
-            ca_cert=ca_cert,
-        )
-    else:
-        from rlfleet import provisioners
-
-        options: dict[str, Any] = {
-            k: v
-            for k, v in {
-                "stack": stack,
-                "outputs_file": outputs_file,
-                "inventory": inventory,
-                "token_file": token_file,
-                "vault_password_file": vault_password_file,
-                "client_artifact_root": client_artifact_root,
-                "ca_cert": ca_cert,
-            }.items()
-            if v is not None
-        }
-        target = provisioners.for_kind(kind).target_from(name, kind=kind, **options)
-    return target
+    options: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "stack": stack,
+            "outputs_file": outputs_file,
+            "inventory": inventory,
+            "token_file": token_file,
+            "vault_password_file": vault_password_file,
+            "address": address,
+            "artifact_root": artifact_root,
+            "client_artifact_root": client_artifact_root,
+            "ca_cert": ca_cert,
+        }.items()
+        if v is not None
+    }
+    return registry.new_target(kind, name, **options)
 
 
 @target_grp.command("remove")

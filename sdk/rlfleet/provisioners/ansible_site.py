@@ -35,10 +35,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlfleet.errors import ConfigError, ProvisionerError
+from rlfleet.provisioners.refs import AnsibleRef
+from rlfleet.provisioners.registry import CostInputs, ref_of
 from rlfleet.targets import Target, check_target_name, rlfleet_home
+from rlfleet.teardown import Leftover
+
+if TYPE_CHECKING:
+    from rlfleet.teardown.sweep import StackSweep
 
 Echo = Callable[[str], None]
 
@@ -283,8 +289,7 @@ def target_from(name: str, *, inventory: str | None = None, token_file: str | No
         artifact_root=f"file://{info.artifact_dir}",
         client_artifact_root=client_artifact_root,
         ca_cert=str(Path(ca_cert).expanduser().resolve()) if ca_cert else str(info.pki_dir / "ca.crt"),
-        provisioner={"type": "ansible", "inventory": inv_abs, "playbook_dir": str(pdir),
-                     **({"vault_password_file": vault} if vault else {})},
+        provisioner=AnsibleRef(type="ansible", inventory=inv_abs, playbook_dir=str(pdir), vault_password_file=vault),
         env_vars=dict(env_vars or {}),
         serve_ports=info.serve_ports,
     )
@@ -313,13 +318,16 @@ class PlaybookResult:
 
 
 def _opts(target: Target) -> tuple[str, Path, str | None]:
-    prov = target.provisioner or {}
-    if prov.get("type") != "ansible" or not prov.get("inventory"):
+    try:
+        ref = ref_of(target, AnsibleRef)
+    except ConfigError:
+        ref = AnsibleRef(type="ansible")
+    if not ref.inventory:
         raise ConfigError(
             f"target {target.name!r} has no Ansible inventory; re-add it with "
             "'rlfleet target add onprem --inventory <infra_onprem/inventories/<site>>'"
         )
-    return str(prov["inventory"]), _playbook_dir(prov.get("playbook_dir")), _vault_file(prov.get("vault_password_file"))
+    return ref.inventory, _playbook_dir(ref.playbook_dir), _vault_file(ref.vault_password_file)
 
 
 def run_playbook(target: Target, playbook: str, *, extravars: dict[str, Any] | None = None,
@@ -433,11 +441,23 @@ def destroy(target: Target, *, delete_data: bool = False, echo: Echo = print) ->
     run_playbook(target, "teardown.yml", extravars={"teardown_delete_data": bool(delete_data)}, echo=echo)
 
 
-def scan_leftovers(target: Target) -> list[str]:
+def ready(target: Target) -> Target:
+    return target  # the site's head runs as a systemd unit once 'up' has run
+
+
+def sweep(target: Target) -> StackSweep | None:
+    return None  # nothing is tagged in a cloud: leftovers.yml looks on the hosts
+
+
+def scan_leftovers(target: Target) -> list[Leftover]:
     """What the kit created that is still on the hosts (units, venv, token dir, Ray processes)."""
     result = run_playbook(target, "leftovers.yml")
-    out: list[str] = []
+    out: list[Leftover] = []
     for host, msg in result.messages.get("Report leftovers", []):
         items = msg.get("rlfleet_leftovers", []) if isinstance(msg, dict) else []
-        out += [f"{host}: {item}" for item in items]
+        out += [Leftover("onprem", "leftover", f"{host}: {item}") for item in items]
     return out
+
+
+def cost_inputs(target: Target) -> CostInputs:
+    raise ConfigError(f"target {target.name!r} (onprem) has no cloud stack to price: the servers are yours")

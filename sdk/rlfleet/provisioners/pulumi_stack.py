@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet import stack_outputs as so
-from rlfleet.errors import ConfigError, ProvisionerError
+from rlfleet.errors import ConfigError, ProvisionerError, RlfleetError
+from rlfleet.provisioners.refs import PulumiRef
+from rlfleet.provisioners.registry import CostInputs, ref_of, teardown_module
 from rlfleet.targets import Target, rlfleet_home
+from rlfleet.teardown import Leftover
+from rlfleet.teardown.sweep import StackScope, StackSweep
 
 Echo = Callable[[str], None]
 CA_WAIT_SECONDS = 900.0
@@ -106,7 +110,7 @@ def fetch_ca_cert(uri: str, dest: Path, *, storage_options: dict[str, Any] | Non
 
 
 def target_from_outputs(name: str, outputs: dict[str, Any], *, kind: str | None = None,
-                        provisioner: dict[str, Any] | None = None, ca_cert: str | None = None,
+                        provisioner: dict[str, str] | None = None, ca_cert: str | None = None,
                         storage_options: dict[str, Any] | None = None, wait_for_ca: float = 0.0,
                         echo: Echo = _noop, where: str = "stack outputs") -> Target:
     _check_outputs(outputs, where)
@@ -119,11 +123,13 @@ def target_from_outputs(name: str, outputs: dict[str, Any], *, kind: str | None 
                                     storage_options=storage_options, wait=wait_for_ca, echo=echo))
     elif not Path(ca_cert).expanduser().is_file():
         raise ConfigError(f"ca_cert {ca_cert} is not a file")
-    prov = {"type": "pulumi", **(provisioner or {})}
-    prov.setdefault("stack_tag", str(outputs.get(so.OUTPUT_STACK_TAG, "")))
-    prov.setdefault("region", str(outputs.get(so.OUTPUT_REGION, "")))
+    prov: dict[str, str] = {
+        "stack_tag": str(outputs.get(so.OUTPUT_STACK_TAG, "")),
+        "region": str(outputs.get(so.OUTPUT_REGION, "")),
+        **(provisioner or {}),
+    }
     token_ref = str(outputs.get(so.OUTPUT_TOKEN_SECRET, ""))
-    if kind == "gcp" and token_ref.startswith("gcp-secret:projects/"):
+    if token_ref.startswith("gcp-secret:projects/"):
         prov.setdefault("project", token_ref.split("/")[1])  # teardown scans this project
     if outputs.get(so.OUTPUT_DASHBOARD_URL):
         prov.setdefault("dashboard_url", str(outputs[so.OUTPUT_DASHBOARD_URL]))
@@ -136,7 +142,7 @@ def target_from_outputs(name: str, outputs: dict[str, Any], *, kind: str | None 
             artifact_root=str(outputs[so.OUTPUT_ARTIFACT_ROOT]),
             storage_options=dict(storage_options or {}),
             ca_cert=str(Path(ca_cert).expanduser()),
-            provisioner=prov,
+            provisioner=PulumiRef(type="pulumi", **prov),
             serve_ports=tuple(int(p) for p in outputs.get(so.OUTPUT_SERVE_PORTS) or ()),
         )
     except ValueError as err:  # pydantic ValidationError is a ValueError
@@ -188,13 +194,13 @@ def _plain(outputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stack_opts(target: Target) -> tuple[Path, str]:
-    prov = target.provisioner or {}
-    if not prov.get("project_dir") or not prov.get("stack"):
+    ref = ref_of(target, PulumiRef)
+    if not ref.project_dir or not ref.stack:
         raise ConfigError(
             f"target {target.name!r} was added from an outputs file, so rlfleet does not know its Pulumi "
             "project; re-add it with --stack <project dir>/<stack> or run pulumi in the project folder"
         )
-    return Path(prov["project_dir"]), str(prov["stack"])
+    return Path(ref.project_dir), ref.stack
 
 
 def target_from(name: str, *, stack: str | None = None, outputs_file: str | None = None,
@@ -278,19 +284,52 @@ def destroy(target: Target, *, delete_data: bool = False, echo: Echo = print) ->
         raise ProvisionerError(f"pulumi destroy for {target.name!r} failed: {err}") from None
 
 
-def scan_leftovers(target: Target) -> list[str]:
-    """Tag/label scan by the teardown module of the target's cloud (rlfleet.teardown.<kind>)."""
-    import importlib
+def ready(target: Target) -> Target:
+    return target  # the stack's head runs whenever the stack is up
 
-    stack_tag = (target.provisioner or {}).get("stack_tag")
-    if not stack_tag:
-        raise ConfigError(f"target {target.name!r} has no stack_tag; re-add it from the stack outputs")
-    try:
-        mod = importlib.import_module(f"rlfleet.teardown.{target.kind}")
-    except ImportError as err:
-        raise ProvisionerError(f"leftover scan for {target.kind} targets is unavailable: {err}") from None
-    conn: dict[str, Any] = {}
-    region = (target.provisioner or {}).get("region")
-    if region:
-        conn["region"] = region
-    return [str(item) for item in mod.scan_stack(str(stack_tag), **conn)]
+
+def stack_of(target: Target) -> str:
+    """The value the stack's resources are tagged with: its stack id (older targets: the bare name)."""
+    ref = ref_of(target, PulumiRef)
+    stack = ref.stack_tag or ref.stack
+    if not stack:
+        raise RlfleetError(
+            f"target {target.name!r} has no provisioner.stack: rlfleet cannot tell which "
+            "tagged resources belong to it; re-create it with 'rlfleet target add'"
+        )
+    return stack
+
+
+def _region(target: Target, ref: PulumiRef) -> str | None:
+    """The stack's region (gcp: else its project): recorded on the target, else from its stack config."""
+    if ref.region:
+        return ref.region
+    if ref.project_dir and ref.stack:
+        from rlfleet.teardown.cost import read_stack_config
+
+        try:
+            _, cfg = read_stack_config(ref.project_dir, ref.stack)
+        except RlfleetError:
+            return None
+        return cfg.get(f"{target.kind}:region") or cfg.get(f"{target.kind}:project")
+    return None
+
+
+def sweep(target: Target) -> StackSweep:
+    """The tag sweep of this target's stack (rlfleet.teardown.<cloud>.stack_sweep)."""
+    ref = ref_of(target, PulumiRef)
+    scope = StackScope(target=target.name, stack=stack_of(target), region=_region(target, ref), project=ref.project)
+    result: StackSweep = teardown_module(target).stack_sweep(scope)
+    return result
+
+
+def scan_leftovers(target: Target) -> list[Leftover]:
+    """Everything still tagged for the stack: the sweep's scan (the one leftover scanner)."""
+    return sweep(target).scan()
+
+
+def cost_inputs(target: Target) -> CostInputs:
+    ref = ref_of(target, PulumiRef)
+    if not ref.project_dir or not ref.stack:
+        raise ConfigError(f"target {target.name!r}: provisioner.project_dir and provisioner.stack are required")
+    return CostInputs(cloud=target.kind, project_dir=ref.project_dir, stack=ref.stack)

@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from rlfleet.stack_outputs import is_stack_id
 from rlfleet.teardown import AWS_STACK_TAG, Leftover, RemovalReport
+from rlfleet.teardown.sweep import StackScope, StackSweep
 
 # Removal order: things that hold references first. Kinds not listed are reported, not deleted.
 REMOVAL_ORDER = [
@@ -492,3 +494,22 @@ def bucket_usage(bucket: str, *, region: str | None = None, endpoint_url: str | 
             count += 1
             size += int(v.get("Size", 0))
     return count, size
+
+
+def stack_sweep(scope: StackScope) -> StackSweep:
+    """The sweep of one stack: tag scan and removal in its region. A bare stack name (targets made
+    before stack ids) is shared by that stack in every region, so IAM (global) is left out."""
+    include_iam = is_stack_id(scope.stack)
+    note = None if include_iam else (
+        f"target {scope.target!r} records the bare stack name {scope.stack!r} (made before stack ids): IAM is "
+        f"global and every region's and project's {scope.stack!r} carries that tag, so IAM roles, profiles and "
+        "policies are not swept or checked; run 'pulumi up' on the stack once (it tags everything with "
+        f"its stack id), then 'rlfleet target add' it again"
+    )
+    return StackSweep(
+        scope=scope,
+        scan=lambda: scan_stack(scope.stack, region=scope.region, include_iam=include_iam),
+        remove=lambda items, delete_data: remove_leftovers(items, delete_data=delete_data, region=scope.region),
+        tagged=f"the tag {AWS_STACK_TAG}={scope.stack}",
+        note=note,
+    )

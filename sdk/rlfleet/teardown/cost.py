@@ -20,6 +20,7 @@ import yaml
 
 from rlfleet.constants import cloud_defaults
 from rlfleet.errors import ConfigError
+from rlfleet.provisioners.registry import cost_inputs
 from rlfleet.targets import Target
 
 PRICES_FILE = Path(__file__).resolve().parent.parent / "data" / "prices.yaml"
@@ -154,13 +155,6 @@ def estimate(cloud: str, cfg: dict[str, str], *, stack: str, prices: dict[str, A
 
 
 def estimate_target(target: Target, *, prices: dict[str, Any] | None = None) -> Estimate:
-    prov = target.provisioner or {}
-    if target.kind not in ("aws", "gcp") or prov.get("type") != "pulumi":
-        raise ConfigError(
-            f"target {target.name!r} ({target.kind}) has no cloud stack to price: cost estimates cover "
-            "aws and gcp targets created from a Pulumi stack"
-        )
-    if not prov.get("project_dir") or not prov.get("stack"):
-        raise ConfigError(f"target {target.name!r}: provisioner.project_dir and provisioner.stack are required")
-    _, cfg = read_stack_config(prov["project_dir"], prov["stack"])
-    return estimate(target.kind, cfg, stack=str(prov["stack"]), prices=prices)
+    inputs = cost_inputs(target)  # ConfigError for targets with no cloud stack to price
+    _, cfg = read_stack_config(inputs.project_dir, inputs.stack)
+    return estimate(inputs.cloud, cfg, stack=inputs.stack, prices=prices)

@@ -9,11 +9,13 @@ Order of work (nothing changes before the data-deletion question is answered):
 4. the provisioner's ``destroy`` (Pulumi destroy / teardown.yml / stopping the local head);
    cloud stacks keep their artifact bucket on destroy, so for them ``delete_data`` is not
    passed on: the sweep deletes the bucket instead;
-5. cloud targets only: remove whatever is still tagged for the stack (the sweep: only resources
-   carrying ``rlfleet:stack=<stack id>`` / ``rlfleet-stack=<stack id>``; the artifact bucket and
-   the key that encrypts it only with ``delete_data``);
-6. verify: scan again, retrying with backoff for eventual consistency; anything left is printed
-   and :class:`LeftoversFound` raised.
+5. kinds with a tag sweep (cloud stacks: ``registry.sweep_of``) only: remove whatever is still
+   tagged for the stack (only resources carrying ``rlfleet:stack=<stack id>`` /
+   ``rlfleet-stack=<stack id>``; the artifact bucket and the key that encrypts it only with
+   ``delete_data``);
+6. verify: scan again (the sweep's scan, else the provisioner's ``scan_leftovers``), retrying
+   with backoff for eventual consistency; anything left is printed and :class:`LeftoversFound`
+   raised.
 
 ``dry_run`` does 1, 2 (measuring only) and lists what 3-5 would remove; it changes nothing.
 A second ``down`` on a torn-down target finds nothing to do and succeeds.
@@ -24,14 +26,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 from rlfleet.errors import ConfirmationRequired, LeftoversFound, ProvisionerError, RlfleetError
-from rlfleet.stack_outputs import is_stack_id
+from rlfleet.provisioners import registry
+from rlfleet.provisioners.registry import Provisioner
 from rlfleet.targets import Target
-from rlfleet.teardown import AWS_STACK_TAG, GCP_STACK_LABEL, Leftover, RemovalReport
+from rlfleet.teardown import Leftover, RemovalReport
 from rlfleet.teardown.cleanup import human_bytes
+from rlfleet.teardown.sweep import StackSweep
 
 Scanner = Callable[[], list[Leftover]]
 Remover = Callable[[list[Leftover], bool], RemovalReport]
@@ -71,84 +74,174 @@ class DownResult:
         }
 
 
-# -- how to scan and sweep each kind of target ----------------------------------------------
+# -- what down works with: the target's provisioner and its cloud's tag sweep ----------------------
 
 def stack_of(target: Target) -> str:
     """The value the stack's resources are tagged with: its stack id (older targets: the bare name)."""
-    prov = target.provisioner or {}
-    stack = prov.get("stack_tag") or prov.get("stack")
-    if not stack:
-        raise RlfleetError(
-            f"target {target.name!r} has no provisioner.stack: rlfleet cannot tell which "
-            "tagged resources belong to it; re-create it with 'rlfleet target add'"
-        )
-    return str(stack)
+    sweep = registry.sweep_of(target)
+    if sweep is None:
+        raise RlfleetError(f"target {target.name!r} ({target.kind}) is not a tagged cloud stack")
+    return sweep.scope.stack
 
 
 def bare_name_note(target: Target) -> str | None:
-    """For a cloud target that records a bare stack name instead of a stack id: what is not swept."""
-    if target.kind != "aws":
-        return None  # gcp: the scans stay inside the target's project, where the old names were unique
-    tag = stack_of(target)
-    if is_stack_id(tag):
-        return None
-    return (
-        f"target {target.name!r} records the bare stack name {tag!r} (made before stack ids): IAM is "
-        f"global and every region's and project's {tag!r} carries that tag, so IAM roles, profiles and "
-        "policies are not swept or checked; run 'pulumi up' on the stack once (it tags everything with "
-        f"its stack id), then 'rlfleet target add' it again"
-    )
+    """What the sweep of a cloud target cannot cover (a bare stack name recorded before stack ids)."""
+    sweep = registry.sweep_of(target)
+    return sweep.note if sweep else None
 
 
-def _region(target: Target) -> str | None:
-    prov = target.provisioner or {}
-    if prov.get("region"):
-        return str(prov["region"])
-    if prov.get("project_dir") and prov.get("stack"):
+def _data_region(target: Target) -> str | None:
+    sweep = registry.sweep_of(target)
+    return sweep.scope.region if sweep else None
+
+
+@dataclass
+class _Teardown:
+    """One ``down``: the target, who destroys it, how leftovers are found and removed, the result."""
+
+    target: Target
+    provisioner: Provisioner | Any  # anything with destroy / plan_destroy / scan_leftovers
+    scan: Scanner
+    remove: Remover | None  # the tag sweep's removal (cloud stacks), None: nothing to sweep
+    hint: str  # how leftovers are recognised, for the final error
+    echo: Callable[[str], None]
+    result: DownResult
+
+
+def _as_leftovers(target: Target, items: Iterable[Leftover | str]) -> list[Leftover]:
+    return [x if isinstance(x, Leftover) else Leftover(target.kind, "leftover", x) for x in items]
+
+
+def _resolve(target: Target, provisioner: Provisioner | Any | None, scanner: Scanner | None,
+             remover: Remover | None, dry_run: bool, echo: Callable[[str], None]) -> _Teardown:
+    """Step 0: the provisioner (from the registry unless given), the sweep of the target's cloud
+    and the scan verify uses. Raises before anything changes for a kind with no provisioner."""
+    prov = provisioner if provisioner is not None else registry.provisioner_of(target)
+    sweep: StackSweep | None = registry.sweep_of(target)
+    if sweep is not None and sweep.note:
+        echo(sweep.note)
+
+    def provisioner_scan() -> list[Leftover]:
+        return _as_leftovers(target, prov.scan_leftovers(target))
+
+    scan = scanner or (sweep.scan if sweep is not None else provisioner_scan)
+    remove = remover if remover is not None else (sweep.remove if sweep is not None else None)
+    hint = f"; they carry {sweep.tagged}" if sweep is not None else ""
+    return _Teardown(target, prov, scan, remove, hint, echo, DownResult(target=target.name, dry_run=dry_run))
+
+
+def _active_runs(td: _Teardown, list_runs: Callable[[Target], Iterable[Any]] | None) -> list[Any]:
+    """Step 1: the target's runs that are not finished (a cluster that does not answer has none)."""
+    cluster_runs = list_runs
+    if cluster_runs is None:
+        from rlfleet.runs import list_runs as all_runs
+
+        cluster_runs = all_runs
+    try:
+        return [r for r in cluster_runs(td.target) if not r.status().is_terminal()]
+    except (RlfleetError, OSError, ConnectionError) as err:
+        td.echo(f"cluster of {td.target.name!r} does not answer ({type(err).__name__}); no runs to cancel")
+        return []
+
+
+def _measure_and_ask(td: _Teardown, summarize_data: Callable[[Target], DataSummary], *, ask: bool, yes: bool,
+                     confirm: Callable[[str], bool] | None, is_tty: Callable[[], bool]) -> None:
+    """Step 2 (--delete-data): measure what would be deleted, then ask before anything changes."""
+    td.result.data = summarize_data(td.target)
+    td.echo(f"--delete-data would delete {td.result.data}")
+    if ask:
+        _confirm_delete(td.target, td.result.data, yes=yes, confirm=confirm, is_tty=is_tty)
+
+
+def _report_plan(td: _Teardown, active: list[Any], delete_data: bool) -> DownResult:
+    """--dry-run: what steps 3-5 would do; nothing changes."""
+    res = td.result
+    res.planned += [f"cancel run {r.run_id} ({r.status().value})" for r in active]
+    res.planned += list(td.provisioner.plan_destroy(td.target, delete_data=delete_data and td.remove is None))
+    for x in td.scan():
+        if x.is_data and not delete_data:
+            res.kept_data.append(x)
+        else:
+            res.planned.append(f"remove {x}")
+    td.echo(f"dry run: 'rlfleet down {td.target.name}' would:")
+    for line in res.planned or ["(nothing: the target is already down)"]:
+        td.echo(f"  {line}")
+    for x in res.kept_data:
+        td.echo(f"  keep {x} (use --delete-data to remove)")
+    return res
+
+
+def _cancel(td: _Teardown, active: list[Any]) -> None:
+    """Step 3: cancel runs and deployments (destroying the cluster stops the ones that refuse)."""
+    for run in active:
         try:
-            from rlfleet.teardown.cost import read_stack_config
+            run.cancel()
+            td.result.cancelled.append(run.run_id)
+            td.echo(f"cancelled run {run.run_id}")
+        except (RlfleetError, OSError, ConnectionError) as err:
+            td.echo(f"could not cancel run {run.run_id}: {err} (destroying the cluster stops it anyway)")
 
-            _, cfg = read_stack_config(prov["project_dir"], prov["stack"])
-            return cfg.get(f"{target.kind}:region") or cfg.get(f"{target.kind}:project")
-        except RlfleetError:
-            return None
+
+def _destroy(td: _Teardown, delete_data: bool) -> ProvisionerError | None:
+    """Step 4: the provisioner's destroy. Cloud stacks keep their artifact bucket on destroy
+    (retained resources); with --delete-data the sweep empties and deletes it, so the provisioner
+    is never asked to."""
+    try:
+        td.provisioner.destroy(td.target, delete_data=delete_data and td.remove is None, echo=td.echo)
+    except ProvisionerError as err:
+        td.echo(f"destroy failed: {err}")
+        return err
     return None
 
 
-def default_scanner(target: Target, provisioner: ModuleType | None) -> Scanner:
-    if target.kind == "aws":
-        from rlfleet.teardown import aws
-
-        stack, region = stack_of(target), _region(target)
-        include_iam = is_stack_id(stack)
-        return lambda: aws.scan_stack(stack, region=region, include_iam=include_iam)
-    if target.kind == "gcp":
-        from rlfleet.teardown import gcp
-
-        stack, region = stack_of(target), _region(target)
-        project = (target.provisioner or {}).get("project")
-        return lambda: gcp.scan_stack(stack, project=project, region=region)
-    if provisioner is None:
-        return list
-
-    def scan() -> list[Leftover]:
-        return [Leftover(target.kind, "leftover", s) for s in provisioner.scan_leftovers(target)]
-
-    return scan
+def _sweep(td: _Teardown, delete_data: bool) -> None:
+    """Step 5: remove what is still tagged for the stack (only after a successful destroy)."""
+    if td.remove is None:
+        return
+    found = [x for x in td.scan() if delete_data or not x.is_data]
+    if found:
+        td.echo(f"{len(found)} resource(s) still tagged for the stack after destroy; removing them:")
+        td.result.sweep = td.remove(found, delete_data)
+        for line in td.result.sweep.lines():
+            td.echo(f"  {line}")
 
 
-def default_remover(target: Target) -> Remover | None:
-    if target.kind == "aws":
-        from rlfleet.teardown import aws
+def _verify(td: _Teardown, delete_data: bool, attempts: int, backoff_s: float) -> None:
+    """Step 6: scan until nothing is left, with backoff for eventual consistency."""
+    delay = backoff_s
+    for attempt in range(max(1, attempts)):
+        everything = td.scan()
+        td.result.leftovers = [x for x in everything if delete_data or not x.is_data]
+        td.result.kept_data = [x for x in everything if x.is_data and not delete_data]
+        if not td.result.leftovers:
+            return
+        if attempt + 1 < attempts:
+            td.echo(f"verify: {len(td.result.leftovers)} resource(s) still present; checking again in {delay:.0f} s")
+            time.sleep(delay)
+            delay *= 2
 
-        region = _region(target)
-        return lambda items, delete_data: aws.remove_leftovers(items, delete_data=delete_data, region=region)
-    if target.kind == "gcp":
-        from rlfleet.teardown import gcp
 
-        project = (target.provisioner or {}).get("project")
-        return lambda items, delete_data: gcp.remove_leftovers(items, delete_data=delete_data, project=project)
-    return None
+def _conclude(td: _Teardown, destroy_error: ProvisionerError | None) -> DownResult:
+    """Step 7: say what is kept and what is left; a failed destroy or a leftover is an error."""
+    name, left = td.target.name, td.result.leftovers
+    for x in td.result.kept_data:
+        td.echo(f"kept {x} (artifact data; 'rlfleet down {name} --delete-data' removes it)")
+    if destroy_error is not None:
+        for x in left:
+            td.echo(f"  still present: {x}")
+        raise destroy_error
+    if left:
+        td.echo(f"LEFTOVERS on {name!r}:")
+        for x in left:
+            td.echo(f"  {x}")
+        raise LeftoversFound(
+            f"{len(left)} resource(s) created for target {name!r} are still there after teardown "
+            f"(listed above){td.hint}. Re-run 'rlfleet down {name}' to retry; "
+            "if they stay, delete them by hand or check the cloud console for what blocks them"
+        )
+    td.echo(f"target {name!r} is down; verified: nothing the kit created is left"
+            + (" (artifact data kept)" if td.result.kept_data else ""))
+    return td.result
 
 
 def data_summary(target: Target) -> DataSummary:
@@ -161,7 +254,7 @@ def data_summary(target: Target) -> DataSummary:
 
         bucket = rest.split("/", 1)[0]
         endpoint = (target.storage_options.get("client_kwargs") or {}).get("endpoint_url")
-        n, size = aws.bucket_usage(bucket, region=_region(target), endpoint_url=endpoint)
+        n, size = aws.bucket_usage(bucket, region=_data_region(target), endpoint_url=endpoint)
         return DataSummary(f"s3://{bucket}", n, size)
     store = target.store()
     fs = store.fs
@@ -188,125 +281,27 @@ def down(
     confirm: Callable[[str], bool] | None = None,
     is_tty: Callable[[], bool] = lambda: False,
     list_runs: Callable[[Target], Iterable[Any]] | None = None,
-    provisioner: ModuleType | Any | None = None,
+    provisioner: Provisioner | Any | None = None,
     scanner: Scanner | None = None,
     remover: Remover | None = None,
     summarize_data: Callable[[Target], DataSummary] = data_summary,
     verify_attempts: int = 5,
     backoff_s: float = 2.0,
 ) -> DownResult:
-    if provisioner is None:
-        from rlfleet.provisioners import for_kind
-
-        provisioner = for_kind(target.kind)
-    if list_runs is None:
-        from rlfleet.runs import list_runs as _list_runs
-
-        list_runs = _list_runs
-    scan = scanner or default_scanner(target, provisioner)
-    sweep = remover if remover is not None else default_remover(target)
-    result = DownResult(target=target.name, dry_run=dry_run)
-    note = bare_name_note(target)
-    if note:
-        echo(note)
-
-    # 1. runs still going
-    try:
-        active = [r for r in list_runs(target) if not r.status().is_terminal()]
-    except (RlfleetError, OSError, ConnectionError) as err:
-        echo(f"cluster of {target.name!r} does not answer ({type(err).__name__}); no runs to cancel")
-        active = []
-
-    # 2. data: measure, then ask before anything changes
+    """Tear ``target`` down (see the module doc). ``list_runs``, ``provisioner``, ``scanner``,
+    ``remover`` and ``summarize_data`` replace the registry's parts (tests, other tools)."""
+    td = _resolve(target, provisioner, scanner, remover, dry_run, echo)
+    active = _active_runs(td, list_runs)
     if delete_data:
-        result.data = summarize_data(target)
-        echo(f"--delete-data would delete {result.data}")
-        if not dry_run:
-            _confirm_delete(target, result.data, yes=yes, confirm=confirm, is_tty=is_tty)
-
+        _measure_and_ask(td, summarize_data, ask=not dry_run, yes=yes, confirm=confirm, is_tty=is_tty)
     if dry_run:
-        result.planned += [f"cancel run {r.run_id} ({r.status().value})" for r in active]
-        result.planned += list(provisioner.plan_destroy(target, delete_data=delete_data and sweep is None))
-        for x in scan():
-            if x.is_data and not delete_data:
-                result.kept_data.append(x)
-            else:
-                result.planned.append(f"remove {x}")
-        echo(f"dry run: 'rlfleet down {target.name}' would:")
-        for line in result.planned or ["(nothing: the target is already down)"]:
-            echo(f"  {line}")
-        for x in result.kept_data:
-            echo(f"  keep {x} (use --delete-data to remove)")
-        return result
-
-    # 3. cancel runs and deployments
-    for run in active:
-        try:
-            run.cancel()
-            result.cancelled.append(run.run_id)
-            echo(f"cancelled run {run.run_id}")
-        except (RlfleetError, OSError, ConnectionError) as err:
-            echo(f"could not cancel run {run.run_id}: {err} (destroying the cluster stops it anyway)")
-
-    # 4. the provisioner
-    # Cloud stacks keep their artifact bucket on destroy (retained resources); with --delete-data
-    # the sweep below empties and deletes it, so the provisioner is never asked to.
-    destroy_error: ProvisionerError | None = None
-    try:
-        provisioner.destroy(target, delete_data=delete_data and sweep is None, echo=echo)
-    except ProvisionerError as err:
-        destroy_error = err
-        echo(f"destroy failed: {err}")
-
-    # 5. sweep what is still tagged for the stack (only after a successful destroy)
-    if destroy_error is None and sweep is not None:
-        found = [x for x in scan() if delete_data or not x.is_data]
-        if found:
-            echo(f"{len(found)} resource(s) still tagged for the stack after destroy; removing them:")
-            result.sweep = sweep(found, delete_data)
-            for line in result.sweep.lines():
-                echo(f"  {line}")
-
-    # 6. verify, with backoff for eventual consistency
-    delay = backoff_s
-    left: list[Leftover] = []
-    for attempt in range(max(1, verify_attempts)):
-        everything = scan()
-        left = [x for x in everything if delete_data or not x.is_data]
-        result.kept_data = [x for x in everything if x.is_data and not delete_data]
-        if not left:
-            break
-        if attempt + 1 < verify_attempts:
-            echo(f"verify: {len(left)} resource(s) still present; checking again in {delay:.0f} s")
-            time.sleep(delay)
-            delay *= 2
-    result.leftovers = left
-    for x in result.kept_data:
-        echo(f"kept {x} (artifact data; 'rlfleet down {target.name} --delete-data' removes it)")
-    if destroy_error is not None:
-        for x in left:
-            echo(f"  still present: {x}")
-        raise destroy_error
-    if left:
-        echo(f"LEFTOVERS on {target.name!r}:")
-        for x in left:
-            echo(f"  {x}")
-        raise LeftoversFound(
-            f"{len(left)} resource(s) created for target {target.name!r} are still there after teardown "
-            f"(listed above){_tag_hint(target)}. Re-run 'rlfleet down {target.name}' to retry; "
-            "if they stay, delete them by hand or check the cloud console for what blocks them"
-        )
-    echo(f"target {target.name!r} is down; verified: nothing the kit created is left"
-         + (" (artifact data kept)" if result.kept_data else ""))
-    return result
-
-
-def _tag_hint(target: Target) -> str:
-    if target.kind == "aws":
-        return f"; they carry the tag {AWS_STACK_TAG}={stack_of(target)}"
-    if target.kind == "gcp":
-        return f"; they carry the label {GCP_STACK_LABEL}={stack_of(target)}"
-    return ""
+        return _report_plan(td, active, delete_data)
+    _cancel(td, active)
+    destroy_error = _destroy(td, delete_data)
+    if destroy_error is None:
+        _sweep(td, delete_data)
+    _verify(td, delete_data, verify_attempts, backoff_s)
+    return _conclude(td, destroy_error)
 
 
 def _confirm_delete(

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rlfleet.teardown import GCP_STACK_LABEL, Leftover, RemovalReport
+from rlfleet.teardown.sweep import StackScope, StackSweep
 
 COMPUTE = "https://compute.googleapis.com/compute/v1"
 IAM = "https://iam.googleapis.com/v1"
@@ -227,3 +228,14 @@ def _delete_rest(session: Any, project: str | None, x: Leftover, timeout_s: floa
             return
     if op:
         raise TimeoutError(f"delete of {x.id} did not finish in {timeout_s:.0f} s")
+
+
+def stack_sweep(scope: StackScope) -> StackSweep:
+    """The sweep of one stack: label scan and removal inside the target's project (where even the
+    bare names of stacks made before stack ids were unique)."""
+    return StackSweep(
+        scope=scope,
+        scan=lambda: scan_stack(scope.stack, project=scope.project, region=scope.region),
+        remove=lambda items, delete_data: remove_leftovers(items, delete_data=delete_data, project=scope.project),
+        tagged=f"the label {GCP_STACK_LABEL}={scope.stack}",
+    )
