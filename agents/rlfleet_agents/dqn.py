@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlfleet_agents.configs import DQNConfig
-from rlfleet_agents.envs import EnvError, EpisodeTracker, make_vec_env, vec_space_info
+from rlfleet_agents.envs import EnvError, EpisodeTracker, SpaceInfo, make_vec_env, vec_space_info
 from rlfleet_agents.networks import DeterministicPolicy, QNetwork
 
 
@@ -132,6 +132,11 @@ class DQN:
         nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         return float(loss.item()), float(q.mean().item())
+
+    @staticmethod
+    def policy_network(info: SpaceInfo, cfg: dict[str, Any]) -> nn.Module:
+        """The (untrained) network of a saved policy.pt, from its spaces and config dict."""
+        return QNetwork(info, cfg["hidden_sizes"], cfg["normalize_obs"])
 
     def policy(self) -> DeterministicPolicy:
         return DeterministicPolicy(self.model, "discrete")

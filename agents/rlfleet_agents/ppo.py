@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rlfleet_agents.configs import PPOConfig
-from rlfleet_agents.envs import EpisodeTracker, make_vec_env, vec_space_info
+from rlfleet_agents.envs import EpisodeTracker, SpaceInfo, make_vec_env, vec_space_info
 from rlfleet_agents.networks import ActorCritic, DeterministicPolicy, NumpyActorCritic
 
 
@@ -190,6 +190,11 @@ class PPO:
                 "updates": float(updates)}
 
     # -- policy, checkpoint -----------------------------------------------------------------
+    @staticmethod
+    def policy_network(info: SpaceInfo, cfg: dict[str, Any]) -> nn.Module:
+        """The (untrained) network of a saved policy.pt, from its spaces and config dict."""
+        return ActorCritic(info, cfg["hidden_sizes"], cfg["normalize_obs"], cfg.get("init_log_std", 0.0))
+
     def policy(self) -> DeterministicPolicy:
         return DeterministicPolicy(self.model, self.info.action_kind)
 

@@ -30,6 +30,7 @@ from rlfleet.artifacts import RunArtifacts, open_run
 from rlfleet.envelope import EnvelopeError, RunEnvelope
 from rlfleet.errors import IncompleteRunError, RlfleetError
 from rlfleet.spec import Kind, RunSpec
+from rlfleet_agents.registry import config_to_dict, get_agent, learners
 
 EXIT_ERROR = 1
 EXIT_TERMINATED = 143
@@ -100,7 +101,7 @@ def run_train(ctx: RunContext, start: float) -> int:
     spec, arts = ctx.spec, ctx.arts
     assert arts is not None
     writer = MetricsWriter(arts, ctx.labels)
-    if spec.agent == "random":
+    if get_agent(spec.agent).algorithm is None:  # the random baseline: no learner, no torch, no policy
         from rlfleet_agents.random_agent import run_random
 
         summary = run_random(spec.env, spec.env_kwargs, spec.seed, spec.budget.steps, spec.budget.minutes,
@@ -162,7 +163,7 @@ def run_train(ctx: RunContext, start: float) -> int:
 
         buf = io.BytesIO()
         torch.save({"model": policy.model.state_dict(), "kind": policy.kind, "spaces": algo.info.to_dict(),
-                    "agent": spec.agent, "config": _config_dict(algo.cfg)}, buf)
+                    "agent": spec.agent, "config": config_to_dict(algo.cfg)}, buf)
         arts.write_bytes("policy.pt", buf.getvalue())
         arts.write_bytes("policy.onnx", onnx_bytes)
         ort_policy = OnnxPolicy(onnx_bytes)
@@ -200,12 +201,6 @@ def _ray_metrics_state(writer: Any) -> dict[str, Any] | None:
             "error": r.failed}
 
 
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    from rlfleet_agents.configs import config_to_dict
-
-    return config_to_dict(cfg)
-
-
 # ---------------------------------------------------------------------------------------------
 # eval
 
@@ -221,7 +216,7 @@ def _open_source(ctx: RunContext, what: str) -> RunArtifacts:
         )
     if "policy.onnx" not in src.manifest().files:
         raise RunError(f"cannot {what} run {src.run_id}: it has no policy.onnx "
-                       "(only ppo and dqn train runs export a policy)")
+                       f"(only {' and '.join(learners())} train runs export a policy)")
     if ctx.envelope.env_from_source:
         # the submitter could not read the store: take the env the source trained on
         src_spec = RunSpec.from_dict(src.read_json("spec.json"))
@@ -237,15 +232,11 @@ def _load_torch_act(src: RunArtifacts) -> Any:
     import torch
 
     from rlfleet_agents.envs import SpaceInfo
-    from rlfleet_agents.networks import ActorCritic, DeterministicPolicy, QNetwork, torch_act_fn
+    from rlfleet_agents.networks import DeterministicPolicy, torch_act_fn
 
     state = torch.load(io.BytesIO(src.read_bytes("policy.pt")), map_location="cpu", weights_only=True)
     info = SpaceInfo.from_dict(state["spaces"])
-    cfg = state["config"]
-    if state["agent"] == "dqn":
-        model: Any = QNetwork(info, cfg["hidden_sizes"], cfg["normalize_obs"])
-    else:
-        model = ActorCritic(info, cfg["hidden_sizes"], cfg["normalize_obs"], cfg.get("init_log_std", 0.0))
+    model = get_agent(state["agent"]).load_algorithm().policy_network(info, state["config"])
     model.load_state_dict(state["model"])
     return torch_act_fn(DeterministicPolicy(model, state["kind"]), torch.device("cpu"))
 

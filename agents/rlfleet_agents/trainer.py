@@ -1,15 +1,13 @@
 """The training loop around an algorithm: budget, in-training evaluation with best-policy
 tracking, metrics rows and checkpoint triggers. Used by run.py and by the benchmarks.
 
-An algorithm object provides ``train_iteration() -> dict``, ``global_step``, ``tracker``
-(EpisodeTracker), ``policy() -> DeterministicPolicy``, ``state_dict()/load_state_dict()``,
-``info`` (SpaceInfo), ``device`` and ``close()``.
+An algorithm is anything that meets :class:`rlfleet_agents.registry.Algorithm`; which class an
+agent uses is written in the registry only.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlfleet_agents.configs import DQNConfig, PPOConfig, build_config
 from rlfleet_agents.evaluate import evaluate
 from rlfleet_agents.networks import DeterministicPolicy, torch_act_fn
+from rlfleet_agents.registry import Algorithm, build_config, get_agent
 
 
 def pick_device(requested: str, gpus: float) -> torch.device:
@@ -34,22 +32,12 @@ def pick_device(requested: str, gpus: float) -> torch.device:
 
 
 def make_algorithm(agent: str, env_id: str, env_kwargs: dict[str, Any] | None, seed: int,
-                   overrides: dict[str, Any] | None, budget_steps: int | None, gpus: float = 0.0) -> Any:
+                   overrides: dict[str, Any] | None, budget_steps: int | None, gpus: float = 0.0) -> Algorithm:
+    algorithm_class = get_agent(agent).load_algorithm()  # ValueError for an agent that does not learn
     cfg = build_config(agent, env_id, overrides)
     torch.set_num_threads(max(1, cfg.torch_threads))
     total = int(budget_steps or cfg.total_steps)
-    device = pick_device(cfg.device, gpus)
-    if agent == "ppo":
-        from rlfleet_agents.ppo import PPO
-
-        assert isinstance(cfg, PPOConfig)
-        return PPO(cfg, env_id, env_kwargs, seed, total, device)
-    if agent == "dqn":
-        from rlfleet_agents.dqn import DQN
-
-        assert isinstance(cfg, DQNConfig)
-        return DQN(cfg, env_id, env_kwargs, seed, total, device)
-    raise ValueError(f"agent: {agent!r} has no trainer (allowed: ppo, dqn)")
+    return algorithm_class(cfg, env_id, env_kwargs, seed, total, pick_device(cfg.device, gpus))
 
 
 @dataclass
@@ -67,7 +55,7 @@ class TrainResult:
 
 
 def train(
-    algo: Any,
+    algo: Algorithm,
     *,
     total_steps: int,
     minutes: float | None = None,
@@ -75,7 +63,11 @@ def train(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_checkpoint: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    checkpoint_every_iteration: bool = False,
 ) -> TrainResult:
+    """Train ``algo`` until ``total_steps``, ``minutes``, a confirmed ``stop_at_return`` or
+    ``should_stop()``. ``checkpoint_every_iteration`` (tests) calls ``on_checkpoint`` after every
+    iteration regardless of the config's step/minute triggers."""
     cfg = algo.cfg
     start = time.monotonic()
     eval_time = 0.0
@@ -137,7 +129,7 @@ def train(
         if on_checkpoint is not None and (
             (cfg.checkpoint_every_steps and algo.global_step - last_ckpt_step >= cfg.checkpoint_every_steps)
             or (cfg.checkpoint_every_minutes and now - last_ckpt_time >= 60 * cfg.checkpoint_every_minutes)
-            or os.environ.get("RLFLEET_CHECKPOINT_EVERY_ITER") == "1"
+            or checkpoint_every_iteration
         ):
             on_checkpoint(algo)
             last_ckpt_step, last_ckpt_time = algo.global_step, time.monotonic()

@@ -12,16 +12,21 @@ import json
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlfleet._yaml import yaml_problem
+from rlfleet.agent_catalog import AGENTS
+from rlfleet.agent_config import validate_agent_config
 from rlfleet.constants import run_label
 from rlfleet.errors import SpecError
 
-AGENTS = ("ppo", "dqn", "random")
+if TYPE_CHECKING:
+    AgentName = str
+else:  # the built-in agents, from the catalog rlfleet_agents ships (rlfleet/data/agents.json)
+    AgentName = Literal[AGENTS]
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Gymnasium ids: "CartPole-v1", "ALE/Pong-v5", or "my_pkg.envs:GridWorld-v0" (module:EnvName form).
 _ENV_ID = re.compile(r"^(?:[A-Za-z_][\w.]*:)?(?:[\w.-]+/)?[A-Za-z_][\w.-]*(?:-v\d+)?$")
@@ -77,7 +82,7 @@ class RunSpec(_Frozen):
     name: str | None = Field(default=None, description="a label for the run (lowercase, digits, '-')")
     env: str = Field(default="CartPole-v1", description="Gymnasium env id, or 'module:EnvName-v0'")
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
-    agent: Literal["ppo", "dqn", "random"] = "ppo"
+    agent: AgentName = "ppo"
     config: dict[str, Any] = Field(default_factory=dict, description="agent hyperparameter overrides")
     seed: int = Field(default=0, ge=0, lt=2**31)
     budget: Budget = Field(default_factory=Budget)
@@ -154,10 +159,8 @@ class RunSpec(_Frozen):
         local_reqs = isinstance(self.requirements, list) and any(r.startswith("./") for r in self.requirements)
         if (isinstance(self.requirements, str) or local_reqs) and self.code is None:
             raise ValueError("requirements: a requirements file is read from the run's code directory; give code=<dir>")
-        if self.agent == "random" and self.config:
-            raise ValueError("config: the 'random' agent takes no config")
         if self.config:
-            _check_agent_config(self.agent, self.config)
+            validate_agent_config(self.agent, self.config)  # raises ValueError naming config.<key>
         return self
 
     # -- helpers ------------------------------------------------------------------------------
@@ -220,18 +223,6 @@ class RunSpec(_Frozen):
         if p.suffix == ".json":
             return cls.from_json(text)
         return cls.from_yaml(text)
-
-
-def _check_agent_config(agent: str, config: dict[str, Any]) -> None:
-    """Validate hyperparameter names/types against the agent's config dataclass.
-
-    ``rlfleet_agents.configs`` is plain dataclasses (no torch import), so this is cheap.
-    """
-    try:
-        from rlfleet_agents.configs import validate_config
-    except ImportError:  # agents extra not installed here: the run validates on the cluster
-        return
-    validate_config(agent, config)  # raises ValueError naming the key
 
 
 def _check_inside_code(rel: str, what: str) -> None:

@@ -61,3 +61,25 @@ def test_seeding_is_reproducible() -> None:
         algo.close()
         rows.append([(r["step"], r.get("episode_return_mean"), r["losses"]["loss_value"]) for r in out])
     assert rows[0] == rows[1]
+
+
+def test_checkpoint_every_iteration_is_a_train_parameter() -> None:
+    """The test hook is an argument of train(), not an environment variable: with it every
+    iteration checkpoints; without it the config's step/minute triggers (both off here) decide."""
+    calls = {True: 0, False: 0}
+    rows = {True: 0, False: 0}
+    for every in (True, False):
+        algo = make_algorithm("ppo", "CartPole-v1", None, seed=1, budget_steps=2_048,
+                              overrides={"num_envs": 4, "num_steps": 64, "checkpoint_every_steps": 0,
+                                         "checkpoint_every_minutes": 0})
+
+        def on_checkpoint(_: object, every: bool = every) -> None:
+            calls[every] += 1
+
+        def on_row(_: dict, every: bool = every) -> None:
+            rows[every] += 1
+
+        train(algo, total_steps=2_048, on_row=on_row, on_checkpoint=on_checkpoint, checkpoint_every_iteration=every)
+        algo.close()
+    assert rows[True] == rows[False] >= 2_048 // 256
+    assert calls == {True: rows[True], False: 0}

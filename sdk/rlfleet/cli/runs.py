@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from rlfleet.agent_catalog import AGENTS
 from rlfleet.cli._common import console, json_option, print_json, table, target_option
 from rlfleet.errors import ArtifactError, RlfleetError, RunFailed, SpecError
 from rlfleet.runs import get_run
@@ -36,7 +37,7 @@ def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 @click.option(
     "--env-kwarg", "env_kwargs", multiple=True, metavar="KEY=VALUE", help="Env constructor argument (repeatable)."
 )
-@click.option("--agent", type=click.Choice(["ppo", "dqn", "random"]), help="Built-in agent.")
+@click.option("--agent", type=click.Choice(AGENTS), help="Built-in agent.")
 @click.option("--config", "config_kv", multiple=True, metavar="KEY=VALUE", help="Agent hyperparameter (repeatable).")
 @click.option("--steps", type=int, help="Training budget in env steps.")
 @click.option("--minutes", type=float, help="Training budget in minutes.")
