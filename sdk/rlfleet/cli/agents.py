@@ -134,20 +134,48 @@ def plot_runs(curves: dict[str, list[dict[str, Any]]], out: Path, x: str = "step
 def demo(target: str | None, seed: int, max_steps: int, n_requests: int, out: str, keep_serving: bool,
          quiet: bool, as_json: bool) -> None:
     """The main job: train PPO on CartPole-v1 until solved, evaluate, deploy, query, summarize."""
-    from rlfleet import RunSpec, submit_run
-    from rlfleet.errors import RlfleetError, RunFailed
-
     say = console(stderr=True)
+    chatty = not quiet and not as_json
     t_all = time.monotonic()
     if not quiet:
         say.print(f"[bold]rlfleet demo[/] on target [cyan]{target or 'local'}[/] (starting it if needed)")
-    train_spec = RunSpec(
+    train, solved_step, solved_s = _train_until_solved(target, seed, max_steps, quiet=quiet or as_json)
+    if chatty:
+        say.print(f"solved at step {solved_step:,} after {solved_s:.1f} s of training; evaluating ...")
+    ev, eval_json = _evaluate(target, train.run_id, seed)
+    if chatty:
+        say.print("deploying ...")
+    dep, ep, lat = _deploy_and_query(target, train.run_id, n_requests, keep_serving)
+    png = plot_runs({train.run_id: train.metrics()}, Path(out), title="rlfleet demo: PPO on CartPole-v1",
+                    threshold=SOLVED)
+    summary = {
+        "train_run": train.run_id, "eval_run": ev.run_id, "deploy_run": dep.run_id,
+        "steps_to_solve": solved_step, "seconds_to_solve": solved_s,
+        "train_steps_per_second": round(solved_step / max(solved_s, 1e-9)),
+        "eval_return_mean": eval_json["mean"], "eval_return_std": eval_json["std"],
+        "eval_episodes": eval_json["episodes"], "policy_sha256": eval_json["policy_sha256"],
+        "endpoint": ep.act_url, "endpoint_p50_ms": round(lat["p50_ms"], 3),
+        "endpoint_p99_ms": round(lat["p99_ms"], 3), "endpoint_requests": lat["requests"],
+        "endpoint_unauthenticated_status": lat["unauthenticated_status"],
+        "serving": keep_serving, "learning_curve_png": str(png), "total_seconds": round(time.monotonic() - t_all, 1),
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary, lat)
+
+
+def _train_until_solved(target: str | None, seed: int, max_steps: int, *, quiet: bool) -> tuple[Any, int, float]:
+    """Step 1: train until the evaluation mean reaches SOLVED; (run, solved step, training seconds)."""
+    from rlfleet import RunSpec, submit_run
+    from rlfleet.errors import RlfleetError, RunFailed
+
+    train = submit_run(RunSpec(
         kind="train", name="demo-cartpole", agent="ppo", env="CartPole-v1", seed=seed,
         budget={"steps": max_steps},
         config={"eval_every": 10_000, "eval_episodes": 10, "stop_at_return": SOLVED},
-    )
-    train = submit_run(train_spec, target=target)
-    st = _progress_train(train, max_steps, quiet or as_json)
+    ), target=target)
+    st = _progress_train(train, max_steps, quiet)
     if st.value != "SUCCEEDED":
         raise RunFailed(f"train run {train.run_id} ended {st.value}: {train.failure_reason()}")
     extra = train.artifacts().manifest().extra
@@ -158,17 +186,25 @@ def demo(target: str | None, seed: int, max_steps: int, n_requests: int, out: st
             "try another --seed or a larger --max-steps"
         )
     solved_eval = next(e for e in extra["evals"] if e["step"] == extra["solved_step"])
+    return train, int(extra["solved_step"]), float(solved_eval["time"])
 
-    if not quiet and not as_json:
-        say.print(f"solved at step {extra['solved_step']:,} after {solved_eval['time']:.1f} s of training; "
-                  "evaluating ...")
-    ev = submit_run(RunSpec(kind="eval", name="demo-eval", source=train.run_id, env="CartPole-v1", seed=seed,
+
+def _evaluate(target: str | None, train_run: str, seed: int) -> tuple[Any, dict[str, Any]]:
+    """Step 2: a separate eval run of the exported policy; (run, its eval.json)."""
+    from rlfleet import RunSpec, submit_run
+
+    ev = submit_run(RunSpec(kind="eval", name="demo-eval", source=train_run, env="CartPole-v1", seed=seed,
                             eval={"episodes": 20}), target=target).result()
-    eval_json = ev.artifacts().read_json("eval.json")
+    return ev, ev.artifacts().read_json("eval.json")
 
-    if not quiet and not as_json:
-        say.print("deploying ...")
-    dep = submit_run(RunSpec(kind="deploy", name="demo-serve", source=train.run_id, env="CartPole-v1",
+
+def _deploy_and_query(target: str | None, train_run: str, n_requests: int,
+                      keep_serving: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Step 3: deploy the policy and time requests to it; (run, endpoint, latency figures). The
+    deployment is cancelled afterwards unless ``keep_serving``."""
+    from rlfleet import RunSpec, submit_run
+
+    dep = submit_run(RunSpec(kind="deploy", name="demo-serve", source=train_run, env="CartPole-v1",
                              deploy={"name": "cartpole"}), target=target)
     try:
         dep.result()
@@ -177,23 +213,11 @@ def demo(target: str | None, seed: int, max_steps: int, n_requests: int, out: st
     finally:
         if not keep_serving:
             dep.cancel()
-    rows = train.metrics()
-    png = plot_runs({train.run_id: rows}, Path(out), title="rlfleet demo: PPO on CartPole-v1", threshold=SOLVED)
+    return dep, ep, lat
 
-    summary = {
-        "train_run": train.run_id, "eval_run": ev.run_id, "deploy_run": dep.run_id,
-        "steps_to_solve": extra["solved_step"], "seconds_to_solve": solved_eval["time"],
-        "train_steps_per_second": round(extra["solved_step"] / max(solved_eval["time"], 1e-9)),
-        "eval_return_mean": eval_json["mean"], "eval_return_std": eval_json["std"],
-        "eval_episodes": eval_json["episodes"], "policy_sha256": eval_json["policy_sha256"],
-        "endpoint": ep.act_url, "endpoint_p50_ms": round(lat["p50_ms"], 3),
-        "endpoint_p99_ms": round(lat["p99_ms"], 3), "endpoint_requests": lat["requests"],
-        "endpoint_unauthenticated_status": lat["unauthenticated_status"],
-        "serving": keep_serving, "learning_curve_png": str(png), "total_seconds": round(time.monotonic() - t_all, 1),
-    }
-    if as_json:
-        print_json(summary)
-        return
+
+def _print_summary(summary: dict[str, Any], lat: dict[str, Any]) -> None:
+    """Step 4: the summary table."""
     from rich.table import Table
 
     t = Table(title="rlfleet demo: PPO on CartPole-v1", show_header=False)
@@ -201,13 +225,13 @@ def demo(target: str | None, seed: int, max_steps: int, n_requests: int, out: st
     t.add_column()
     t.add_row("solved (eval mean >= 475)", f"{summary['steps_to_solve']:,} env steps, "
               f"{summary['seconds_to_solve']:.1f} s of training ({summary['train_steps_per_second']:,} steps/s)")
-    t.add_row("evaluation", f"{eval_json['mean']:.1f} ± {eval_json['std']:.1f} over {eval_json['episodes']} "
-              "deterministic episodes (ONNX policy)")
-    t.add_row("endpoint", f"{ep.act_url}" + (" (still serving)" if keep_serving else " (stopped)"))
+    t.add_row("evaluation", f"{summary['eval_return_mean']:.1f} ± {summary['eval_return_std']:.1f} over "
+              f"{summary['eval_episodes']} deterministic episodes (ONNX policy)")
+    t.add_row("endpoint", summary["endpoint"] + (" (still serving)" if summary["serving"] else " (stopped)"))
     t.add_row("endpoint latency", f"p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms over "
               f"{lat['requests']} batch-1 requests; without token: HTTP {lat['unauthenticated_status']}")
-    t.add_row("runs", f"train {train.run_id}, eval {ev.run_id}, deploy {dep.run_id}")
-    t.add_row("learning curve", str(png))
+    t.add_row("runs", f"train {summary['train_run']}, eval {summary['eval_run']}, deploy {summary['deploy_run']}")
+    t.add_row("learning curve", summary["learning_curve_png"])
     t.add_row("total", f"{summary['total_seconds']:.1f} s")
     console().print(t)
 
