@@ -37,6 +37,7 @@ OUTPUT_REGION = "region"
 OUTPUT_HEAD_INSTANCE = "head_instance"  # instance id (aws) / name (gcp)
 OUTPUT_WORKER_INSTANCES = "worker_instances"
 OUTPUT_STACK_TAG = "stack_tag"  # the stack id (make_stack_id): value of rlfleet:stack / rlfleet-stack
+OUTPUT_SERVE_PORTS = "serve_ports"  # deploy ports the head's TLS front (nginx) serves: Target.serve_ports
 
 ALL_OUTPUTS = (
     OUTPUT_RAY_ADDRESS,
@@ -49,10 +50,17 @@ ALL_OUTPUTS = (
     OUTPUT_HEAD_INSTANCE,
     OUTPUT_WORKER_INSTANCES,
     OUTPUT_STACK_TAG,
+    OUTPUT_SERVE_PORTS,
 )
 REQUIRED_OUTPUTS = (OUTPUT_RAY_ADDRESS, OUTPUT_ARTIFACT_ROOT, OUTPUT_TOKEN_SECRET, OUTPUT_REGION)
 SECRET_OUTPUTS = (OUTPUT_RAY_TOKEN,)
 
+# Deploy runs: the head's nginx serves https://<head address>:<p> for a policy server on
+# 127.0.0.1:<p> (the same list as on-prem's tls_front_serve_ports), open to the admin CIDRs only.
+SERVE_PORTS_DEFAULT = (8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
+# The Ray resource the head offers once per deploy port; a deploy run on a cloud target asks for
+# one, so Ray places it on the node with the TLS front and its certificate (workers have neither).
+RAY_RESOURCE_SERVE_FRONT = "rlfleet_serve_front"
 
 # -- metric names (ARCHITECTURE.md; Ray prefixes ray_) -----------------------------------------
 METRIC_EPISODE_RETURN = "ray_rlfleet_episode_return"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from rlfleet.constants import RAY_OWN_PORTS, cloud_defaults
-from rlfleet.stack_outputs import PORT_SSH, make_stack_id
+from rlfleet.stack_outputs import PORT_SSH, SERVE_PORTS_DEFAULT, make_stack_id
 
 
 class StackConfigError(ValueError):
@@ -125,6 +125,11 @@ class ClusterSettings:
     def control_ports(self) -> tuple[int, ...]:
         """Ports reachable from the admin CIDRs (SSH and the TLS API endpoint)."""
         return (PORT_SSH, self.api_port)
+
+    @property
+    def serve_ports(self) -> tuple[int, ...]:
+        """Deploy ports the head's TLS front serves (also reachable from the admin CIDRs only)."""
+        return SERVE_PORTS_DEFAULT
 
 
 def with_stack_id(s: ClusterSettings, *, account: str, region: str, organization: str,
