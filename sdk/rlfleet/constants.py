@@ -28,6 +28,9 @@ PORT_RAY_GCS = 6379
 PORT_RAY_DASHBOARD = 8265
 PORT_RAY_CLIENT = 10001
 PORT_RAY_METRICS = 8080  # Ray's Prometheus endpoint on every node (scraped locally only)
+# Deploy runs: the TLS front (nginx on a cloud head, ansible's tls_front role on-prem) serves
+# https://<host>:<p> for a policy server on 127.0.0.1:<p>, open to the admin networks only.
+SERVE_PORTS_DEFAULT = (8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
 RAY_OWN_PORTS = (PORT_RAY_GCS, PORT_RAY_DASHBOARD, PORT_RAY_CLIENT, PORT_RAY_METRICS)
 CONTROL_PORTS = (PORT_SSH, PORT_API_DEFAULT, PORT_RAY_GCS, PORT_RAY_DASHBOARD, PORT_RAY_CLIENT)
 

@@ -23,6 +23,7 @@ from rlfleet.constants import (  # noqa: F401 - re-exported: the programs and te
     PORT_RAY_GCS,
     PORT_RAY_METRICS,
     PORT_SSH,
+    SERVE_PORTS_DEFAULT,
     slug,
 )
 
@@ -55,9 +56,6 @@ ALL_OUTPUTS = (
 REQUIRED_OUTPUTS = (OUTPUT_RAY_ADDRESS, OUTPUT_ARTIFACT_ROOT, OUTPUT_TOKEN_SECRET, OUTPUT_REGION)
 SECRET_OUTPUTS = (OUTPUT_RAY_TOKEN,)
 
-# Deploy runs: the head's nginx serves https://<head address>:<p> for a policy server on
-# 127.0.0.1:<p> (the same list as on-prem's tls_front_serve_ports), open to the admin CIDRs only.
-SERVE_PORTS_DEFAULT = (8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
 # The Ray resource the head offers once per deploy port; a deploy run on a cloud target asks for
 # one, so Ray places it on the node with the TLS front and its certificate (workers have neither).
 RAY_RESOURCE_SERVE_FRONT = "rlfleet_serve_front"

@@ -115,3 +115,15 @@ def test_the_gcp_stop_function_matches_the_stack_label() -> None:
     src = (INFRA / "gcp" / "rlfleet_gcp" / "stopper" / "main.py").read_text()
     keys = re.findall(r'vm\.labels\.get\("([^"]+)"\)', src)
     assert keys == [constants.GCP_LABEL_STACK]
+
+
+def test_the_ansible_roles_default_to_the_same_deploy_ports() -> None:
+    """On-prem, the roles' Jinja defaults repeat the deploy port list (ansible cannot import rlfleet)."""
+    roles = INFRA.parent / "ansible" / "roles"
+    files = [roles / "tls_front" / "defaults" / "main.yml", roles / "ray_runtime" / "defaults" / "main.yml",
+             roles / "firewall" / "defaults" / "main.yml"]
+    for f in files:
+        lists = re.findall(r"default\(\[([\d,\s]+)\]\)", f.read_text())
+        assert lists, f
+        for text in lists:
+            assert tuple(int(p) for p in text.split(",")) == constants.SERVE_PORTS_DEFAULT, f

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlfleet.constants import SERVE_PORTS_DEFAULT
 from rlfleet.errors import ConfigError, ProvisionerError
 from rlfleet.provisioners.refs import AnsibleRef
 from rlfleet.provisioners.registry import CostInputs, ref_of
@@ -51,7 +52,7 @@ Echo = Callable[[str], None]
 DEFAULT_RAY_API_PORT = 8443
 DEFAULT_MOUNT_PATH = "/mnt/rlfleet"
 # tls_front_serve_ports (ansible/roles/tls_front): deploy ports nginx serves over TLS on every node
-DEFAULT_SERVE_PORTS = (8600, 8601, 8602, 8603, 8604, 8605, 8606, 8607)
+DEFAULT_SERVE_PORTS = SERVE_PORTS_DEFAULT
 HEAD_GROUP = "ray_head"
 # Controller variables that must not reach the hosts (the nsenter/local connections inherit the
 # environment): pip/SSL settings of this machine mean nothing there and break pip.
