@@ -38,6 +38,7 @@ class Mocks(pulumi.runtime.Mocks):
     def __init__(self) -> None:
         self.resources: list[Captured] = []
         self.calls: list[tuple[str, dict]] = []
+        self.subnets: dict[str, str] = {}  # GCP subnetwork id -> its ip_cidr_range
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
         inputs = dict(args.inputs)
@@ -67,9 +68,13 @@ class Mocks(pulumi.runtime.Mocks):
             state.setdefault("name", inputs.get("name", name))
             state.setdefault("selfLink", f"https://www.googleapis.com/compute/v1/projects/{GCP_PROJECT}/x/{name}")
             state.setdefault("id", f"projects/{GCP_PROJECT}/x/{name}")
+            if typ == "gcp:compute/subnetwork:Subnetwork":
+                self.subnets[state["id"]] = inputs.get("ipCidrRange", "10.42.1.0/24")
             if typ == "gcp:compute/address:Address":
+                # an internal address is the subnet's first free one (.2, as GCP gives it)
                 internal = inputs.get("addressType") == "INTERNAL"
-                state["address"] = "10.42.1.2" if internal else "203.0.113.50"
+                cidr = self.subnets.get(inputs.get("subnetwork", ""), "10.42.1.0/24")
+                state["address"] = cidr.rsplit(".", 1)[0] + ".2" if internal else "203.0.113.50"
             if typ == "gcp:serviceaccount/account:Account":
                 state["email"] = f"{inputs['accountId']}@{GCP_PROJECT}.iam.gserviceaccount.com"
                 state["member"] = f"serviceAccount:{state['email']}"

@@ -41,7 +41,9 @@ TARGETS = [
     # throwaway hosts booted from the AWS program's rendered user data, moto + IMDS as the cloud
     # (awsnode.py): installing the kit on two hosts takes minutes, so the same room as onprem
     pytest.param("aws-node", id="aws-node", marks=[pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400)]),
-    # next: pytest.param("gcp-node", ...) with its fixture below
+    # throwaway hosts started from the GCP program's rendered startup-script, the GCS emulator,
+    # a Secret Manager endpoint and the GCE metadata server as the cloud (gcpnode.py)
+    pytest.param("gcp-node", id="gcp-node", marks=[pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400)]),
 ]
 
 
@@ -130,6 +132,58 @@ def conformance_aws_node(aws_node_cluster, tmp_path_factory) -> Iterator[Conform
         if forwarder is not None:
             forwarder.stop()
         mp.undo()
+
+
+@pytest.fixture(scope="session")
+def gcp_node_cluster():
+    from onprem.session import _preconditions
+
+    from .gcpnode import start_cluster
+
+    _preconditions()
+    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-gcpnode-"))
+    try:
+        cluster = start_cluster(workdir, workers=1)  # stops what it started when it fails
+        print(f"\n[gcp-node] timings (s): {cluster.timings}")
+        yield cluster
+        cluster.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def conformance_gcp_node(gcp_node_cluster, tmp_path_factory) -> Iterator[ConformanceTarget]:
+    import time
+
+    from rlfleet.provisioners.pulumi_stack import target_from_outputs
+    from rlfleet.targets import save_target
+
+    from .gcpnode import GcpNodeConformance, OpsAgentScraper
+
+    cl = gcp_node_cluster
+    t0 = time.monotonic()
+    tmp = tmp_path_factory.mktemp("conformance-gcp-node")
+    # this machine reads the bucket through the emulator; the client's token source is a 0600 file
+    # (the SDK's gcp-secret source speaks gRPC to Secret Manager, which has no local stand-in here)
+    token_file = tmp / "ray_token"
+    token_file.write_text(cl.token)
+    token_file.chmod(0o600)
+    storage = {"endpoint_url": cl.cloud.storage_endpoint, "token": "anon"}
+    built = target_from_outputs("gcp-node-conformance", cl.rendered.outputs, kind="gcp", storage_options=storage,
+                                wait_for_ca=60)
+    target = built.model_copy(update={"token_source": f"file:{token_file}",
+                                      "env_vars": {"RLFLEET_METRICS_LINGER_S": "20"}})  # 15 s scrapes
+    save_target(target)
+    wait_jobs_api(target, timeout=900)
+    scraper = OpsAgentScraper(cl).start()
+    print(f"\n[gcp-node] target ready in {time.monotonic() - t0:.0f} s")
+    try:
+        ct = GcpNodeConformance(key="gcp-node", target=target, own_store=target.artifact_root,
+                                storage_options=storage, timeout=600, cache={"tmp": str(tmp)})
+        ct.cluster, ct.monitoring = cl, scraper
+        yield ct
+    finally:
+        scraper.stop()
 
 
 # -- the parametrization every scenario uses -------------------------------------------------------

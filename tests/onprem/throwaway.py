@@ -69,6 +69,8 @@ def _free_port(host: str) -> int:
 class ThrowawayHost:
     """One booted container. Attributes are valid after :meth:`start`."""
 
+    binds_ro: tuple[str, ...] = ()  # host directories a subclass mounts read-only at the same path
+
     def __init__(self, workdir: Path, *, subnet: int | None = None) -> None:
         self.workdir = workdir
         self.name = "rlfot" + secrets.token_hex(3)  # ve-<name> must fit in 15 chars
@@ -155,6 +157,7 @@ class ThrowawayHost:
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "--boot", "--network-veth", "--register=no", "--keep-unit",
              "--console=passive", f"--bind={self.apt_dir}:/var/cache/apt/archives",
+             *(f"--bind-ro={d}" for d in self.binds_ro),
              "-M", self.name, "-D", str(self.root)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SYSTEMD_LOG_LEVEL": "warning"},
