@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 from onprem.throwaway import VENV_BIN
 
-from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, wait_tcp
+from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
 from .targets import ConformanceTarget, wait_jobs_api
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,13 +58,17 @@ class Rendered:
     head_instance: str
     worker_instances: list[str]
 
+    def param(self, name: str) -> str:
+        """A parameter of the rendered bootstrap (e.g. STACK, RAY_VERSION, KIT_EXTRAS)."""
+        script = yaml.safe_load(self.head_user_data)["write_files"][0]["content"]
+        m = re.search(rf"^{name}='([^']*)'", script, re.M)
+        assert m, f"no {name} parameter in the rendered user data"
+        return m.group(1)
+
     @property
     def stack(self) -> str:
         """The stack name the bootstrap carries (its STACK parameter)."""
-        script = yaml.safe_load(self.head_user_data)["write_files"][0]["content"]
-        m = re.search(r"^STACK='([^']*)'", script, re.M)
-        assert m, "no STACK parameter in the rendered user data"
-        return m.group(1)
+        return self.param("STACK")
 
 
 def render_stack(worker_count: int = 1) -> Rendered:
@@ -190,12 +194,34 @@ class Cloud:
 
 # -- the hosts --------------------------------------------------------------------------------
 
-class AwsNodeHost(CloudHost):
-    """A node of the AWS stack: the DLAMI's parts minbase lacks, and AWS_CONFIG_FILE naming moto."""
+IMAGE_APT = ("python3-venv",)  # what the DLAMI has and minbase lacks, with the AWS CLI
+IMAGE_PIP_AWSCLI = "awscli"
 
-    def __init__(self, workdir: Path, *, lan: CloudLan, ip: str, extra_ips: tuple[str, ...] = ()) -> None:
+
+def image_inputs() -> dict[str, Any]:
+    """What the aws-node machine image is made of (its cache key): the DLAMI's parts minbase lacks.
+    Not pip's cache: this machine's egress answers without Cache-Control, so pip's HTTP cache keeps
+    nothing (measured: no /root/.cache/pip after a warm-up install); the bootstrap's pip install of
+    the kit and its dependencies runs in full on every boot, as on a fresh DLAMI."""
+    return {"v": 2, "apt": IMAGE_APT, "pip": [IMAGE_PIP_AWSCLI]}
+
+
+def build_image(host: CloudHost) -> None:
+    """The machine image: python3-venv and the AWS CLI in its own venv (a DLAMI has both)."""
+    host.apt_install(*IMAGE_APT)
+    host.nsexec("python3", "-m", "venv", "/usr/local/aws-cli", timeout=300)
+    host.nsexec("/usr/local/aws-cli/bin/pip", "install", "-q", "--disable-pip-version-check", IMAGE_PIP_AWSCLI,
+                timeout=900)
+    host.nsexec("ln", "-sf", "/usr/local/aws-cli/bin/aws", "/usr/local/bin/aws")
+
+
+class AwsNodeHost(CloudHost):
+    """A node of the AWS stack: booted from the machine image, AWS_CONFIG_FILE naming moto."""
+
+    def __init__(self, workdir: Path, *, lan: CloudLan, ip: str, extra_ips: tuple[str, ...] = (),
+                 image: Path | None = None) -> None:
         super().__init__(workdir, lan=lan, ip=ip, extra_ips=extra_ips,
-                         default_env={"AWS_CONFIG_FILE": "/etc/aws/config"})
+                         default_env={"AWS_CONFIG_FILE": "/etc/aws/config"}, image=image)
 
     def write_image_config(self, endpoint: str) -> None:
         aws = self.path("/etc/aws/config")
@@ -203,14 +229,7 @@ class AwsNodeHost(CloudHost):
         aws.write_text(f"[default]\nregion = {REGION}\nendpoint_url = {endpoint}\n")
         aws.chmod(0o644)
         self.write_pip_conf()
-
-    def install_image_packages(self) -> None:
-        """What the DLAMI has and minbase lacks: python3-venv and the AWS CLI."""
-        self.apt_install("python3-venv")
-        self.nsexec("python3", "-m", "venv", "/usr/local/aws-cli", timeout=300)
-        self.nsexec("/usr/local/aws-cli/bin/pip", "install", "-q", "--disable-pip-version-check", "awscli",
-                    timeout=900)
-        self.nsexec("ln", "-sf", "/usr/local/aws-cli/bin/aws", "/usr/local/bin/aws")
+        self.write_apt_conf()
 
 
 # -- the cluster ------------------------------------------------------------------------------
@@ -250,9 +269,6 @@ class AwsNodeCluster:
 
 def _provision(cl: AwsNodeCluster, h: AwsNodeHost, user_data: str) -> None:
     t0 = time.monotonic()
-    h.install_image_packages()
-    cl.timings[f"{h.ip} image"] = time.monotonic() - t0
-    t0 = time.monotonic()
     r = h.cloud_init(user_data)
     cl.timings[f"{h.ip} bootstrap"] = time.monotonic() - t0
     if r.returncode != 0:
@@ -270,17 +286,28 @@ def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> AwsNodeClust
     rendered = render_stack(worker_count=workers)
     from rlfleet_cloud.kit import kit_keys  # on sys.path once tests/cloud's harness is imported
 
+    t0 = time.monotonic()
     kit = build_kit(REPO)
-    lan = CloudLan.acquire()  # waits for another session's cloud LAN on this machine
+    timings = {"render": t0 - t_all, "build_kit": time.monotonic() - t0}
+    lan = CloudLan.acquire()
     cloud = Cloud(workdir, lan)
     try:
-        head = AwsNodeHost(workdir / "head", lan=lan, ip=HEAD_PRIVATE_IP, extra_ips=(rendered.head_public_ip,))
-        wk = [AwsNodeHost(workdir / f"worker{i}", lan=lan, ip=f"{SUBNET}.{11 + i}") for i in range(workers)]
+        lan.add_subnet(SUBNET)  # waits while another test session uses this subnet
+        t0 = time.monotonic()
+        image, built = ensure_image("aws-node", image_inputs(), build_image, lan=lan, ip=f"{SUBNET}.9",
+                                    workdir=workdir, log=log)
+        timings["image (built)" if built else "image (cached)"] = time.monotonic() - t0
+        head = AwsNodeHost(workdir / "head", lan=lan, ip=HEAD_PRIVATE_IP, extra_ips=(rendered.head_public_ip,),
+                           image=image)
+        wk = [AwsNodeHost(workdir / f"worker{i}", lan=lan, ip=f"{SUBNET}.{11 + i}", image=image)
+              for i in range(workers)]
     except BaseException:
+        lan.drop_subnet(SUBNET)
         lan.release()
         raise
-    cl = AwsNodeCluster(workdir, rendered, cloud, lan, head, wk)
+    cl = AwsNodeCluster(workdir, rendered, cloud, lan, head, wk, timings=timings)
     try:
+        t_boot = time.monotonic()
         cloud.start_moto()
         # the stack's resources the nodes use, as 'pulumi up' leaves them (names from the mocks)
         creds = {"endpoint_url": cloud.endpoint, "region_name": REGION,
@@ -302,14 +329,17 @@ def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> AwsNodeClust
             h.start(log=log)
             h.write_image_config(cloud.endpoint)
             cl.timings[f"{h.ip} boot"] = time.monotonic() - t0
+        cl.timings["cloud + boot"] = time.monotonic() - t_boot
         lan.add_route(f"{rendered.head_public_ip}/32", HEAD_PRIVATE_IP)
         # the instances come up together, as 'pulumi up' launches them; a worker's Ray retries
         # joining until the head serves (its unit restarts)
+        t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(len(cl.hosts)) as pool:
             for fut in [pool.submit(_provision, cl, h, ud)
                         for h, ud in zip(cl.hosts, [rendered.head_user_data, *rendered.worker_user_data],
                                          strict=True)]:
                 fut.result()
+        cl.timings["bootstrap (parallel)"] = time.monotonic() - t0
         cl.timings["total"] = time.monotonic() - t_all
         return cl
     except BaseException:
@@ -394,6 +424,12 @@ class MetricsForwarder:
 class AwsNodeConformance(ConformanceTarget):
     cluster: Any = None
     forwarder: Any = None
+
+    def release(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.cluster is not None:
+            self.cluster.stop()  # idempotent: aws_node_cluster's teardown calls it again
 
     def monitored(self, run_id: str) -> dict[str, Any]:
         # CloudWatch (moto), where the agent's EMF processor puts the run's metrics

@@ -11,16 +11,20 @@
 - :class:`CloudHost`: a throwaway host (tests/onprem/throwaway.py) on that bridge with the node's
   private ip, and the cloud-init runner: ``write_files`` + ``runcmd`` executed as cloud-final runs
   them (a oneshot systemd service with the manager's default environment).
-- :func:`wait_tcp` and the machine lock: the bridge, its addresses and 169.254.169.254:80 exist
-  once per machine, so the LAN holds ``CACHE_DIR/cloud-lan.lock`` while it exists (another test
-  session on this machine waits for it).
+- :func:`wait_tcp` and the machine lock: a subnet's addresses exist once per machine, so
+  ``add_subnet`` holds ``CACHE_DIR/cloud-subnet-<prefix>.lock`` until ``drop_subnet`` (another test
+  session using the same subnet waits for it). Each session has its own bridge, and its metadata
+  server is bound to that bridge (SO_BINDTODEVICE), so sessions with different subnets run side by
+  side, each with its own 169.254.169.254.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import http.server
+import json
 import os
 import secrets
 import shutil
@@ -33,10 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from onprem.throwaway import CACHE_DIR, ThrowawayHost, _run
+from onprem.throwaway import CACHE_DIR, TARBALL, ThrowawayHost, _run
 
 METADATA_IP = "169.254.169.254"
-LAN_LOCK = CACHE_DIR / "cloud-lan.lock"
+LAN_LOCK = CACHE_DIR / "cloud-lan.lock"  # the default machine_lock() path
+
+
+def subnet_lock_path(prefix: str) -> Path:
+    return CACHE_DIR / f"cloud-subnet-{prefix}.lock"
 TORCH_WHEELS = Path("/opt/wheels")  # the CPU torch wheel(s) of this machine, pip's find-links on the hosts
 
 
@@ -86,10 +94,21 @@ class MetadataResponse:
 MetadataHandler = Callable[[MetadataRequest], MetadataResponse]
 
 
-class MetadataServer:
-    """169.254.169.254:80 on the cloud LAN, dispatching by client ip to the registered handler."""
+class _DeviceBoundServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    device = ""
 
-    def __init__(self, ip: str = METADATA_IP, port: int = 80) -> None:
+    def server_bind(self) -> None:
+        if self.device:  # only packets that arrive on this bridge: another session's LAN has its own server
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+        super().server_bind()
+
+
+class MetadataServer:
+    """169.254.169.254:80 on the cloud LAN, dispatching by client ip to the registered handler.
+    ``device``: the bridge it serves (SO_BINDTODEVICE), so each session's LAN has its own."""
+
+    def __init__(self, ip: str = METADATA_IP, port: int = 80, *, device: str = "") -> None:
         self.handlers: dict[str, MetadataHandler] = {}
         self.requests: list[tuple[str, str, str, int]] = []  # (client ip, method, path, status)
         server = self
@@ -118,7 +137,8 @@ class MetadataServer:
 
             do_GET = do_PUT = do_POST = _dispatch
 
-        self.httpd = http.server.ThreadingHTTPServer((ip, port), _Handler)
+        _DeviceBoundServer.device = device
+        self.httpd = _DeviceBoundServer((ip, port), _Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -142,9 +162,9 @@ class MetadataServer:
 class CloudLan:
     """The session's bridge + metadata server, shared by every cloud cluster of the session.
 
-    ``CloudLan.acquire()`` returns the session's LAN (created on first use, with the machine lock);
-    each cluster calls ``release()`` once when it stops; the last release removes the bridge, stops
-    the metadata server and frees the lock."""
+    ``CloudLan.acquire()`` returns the session's LAN (created on first use); each cluster calls
+    ``release()`` once when it stops; the last release removes the bridge and stops the metadata
+    server. A cluster's subnet is held with a machine lock (``add_subnet`` .. ``drop_subnet``)."""
 
     _current: CloudLan | None = None
     _guard = threading.Lock()
@@ -155,7 +175,7 @@ class CloudLan:
         self.subnets: dict[str, str] = {}  # "10.42.1" -> host side ip "10.42.1.1"
         self.routes: list[str] = []
         self.metadata: MetadataServer | None = None
-        self._lock = machine_lock()
+        self._subnet_locks: dict[str, contextlib.AbstractContextManager] = {}
 
     @classmethod
     def acquire(cls) -> CloudLan:
@@ -176,12 +196,11 @@ class CloudLan:
             self._down()
 
     def _up(self) -> None:
-        self._lock.__enter__()  # waits for another session's LAN on this machine
         try:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             _run("ip", "addr", "add", f"{METADATA_IP}/32", "dev", self.bridge)
             _run("ip", "link", "set", self.bridge, "up")
-            self.metadata = MetadataServer()
+            self.metadata = MetadataServer(device=self.bridge)
         except BaseException:
             self._down()
             raise
@@ -193,11 +212,15 @@ class CloudLan:
         for dst in self.routes:
             _run("ip", "route", "del", dst, check=False)
         _run("ip", "link", "del", self.bridge, check=False)
-        self._lock.__exit__(None, None, None)
+        for prefix in list(self._subnet_locks):
+            self._subnet_locks.pop(prefix).__exit__(None, None, None)
 
     def add_subnet(self, prefix: str) -> str:
         """Give this machine ``<prefix>.1/24`` on the bridge (a cluster's subnet); returns that address."""
         if prefix not in self.subnets:
+            lock = machine_lock(subnet_lock_path(prefix))
+            lock.__enter__()  # waits while another test session uses this subnet
+            self._subnet_locks[prefix] = lock
             _run("ip", "addr", "add", f"{prefix}.1/24", "dev", self.bridge)
             self.subnets[prefix] = f"{prefix}.1"
         return self.subnets[prefix]
@@ -205,6 +228,9 @@ class CloudLan:
     def drop_subnet(self, prefix: str) -> None:
         if self.subnets.pop(prefix, None):
             _run("ip", "addr", "del", f"{prefix}.1/24", "dev", self.bridge, check=False)
+        lock = self._subnet_locks.pop(prefix, None)
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
     def add_route(self, dst: str, via: str) -> None:
         """A route on this machine to ``dst`` (e.g. a node's public ip /32) via a node on the bridge."""
@@ -227,14 +253,29 @@ class CloudHost(ThrowawayHost):
     public ip this machine routes to the node."""
 
     def __init__(self, workdir: Path, *, lan: CloudLan, ip: str, extra_ips: tuple[str, ...] = (),
-                 default_env: dict[str, str] | None = None) -> None:
+                 default_env: dict[str, str] | None = None, image: Path | None = None) -> None:
         super().__init__(workdir)
+        self.image = image  # a cached machine image (ensure_image) to boot instead of the pristine root
         self.lan = lan
         self.bridge = lan.bridge
         self.ip = ip
         self.host_ip = lan.add_subnet(ip.rsplit(".", 1)[0])
         self.extra_ips = extra_ips
         self.default_env = default_env or {}
+
+    def start(self, log=print, *, tarball: Path | None = None) -> CloudHost:
+        super().start(log, tarball=tarball or self.image)
+        return self
+
+    def _wait_systemd(self) -> None:
+        # on a loaded machine systemd may not have its bus socket yet when the veth is up:
+        # 'systemctl is-system-running --wait' then fails at once ("Failed to connect to bus")
+        deadline = time.monotonic() + 120
+        while self.nsexec("test", "-S", "/run/systemd/private", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                break  # super() reports the state
+            time.sleep(0.5)
+        super()._wait_systemd()
 
     def _prepare_root(self) -> None:
         super()._prepare_root()  # /etc/hosts names self.ip, the node's private ip
@@ -266,6 +307,11 @@ class CloudHost(ThrowawayHost):
         self.path("/etc/pip.conf").write_text(
             f"[global]\nproxy = {self.proxy_url}\ncert = /etc/ssl/certs/ca-certificates.crt\n"
             "find-links = /opt/wheels\n")
+
+    def write_apt_conf(self) -> None:
+        """apt reaches the Debian mirror through this host's proxy (the cloud's egress, as pip's)."""
+        self.path("/etc/apt/apt.conf.d/80rlfleet-proxy").write_text(
+            f'Acquire::http::Proxy "{self.proxy_url}";\nAcquire::https::Proxy "{self.proxy_url}";\n')
 
     def apt_install(self, *packages: str, timeout: float = 600) -> None:
         proxy = [f"-oAcquire::http::Proxy={self.proxy_url}", f"-oAcquire::https::Proxy={self.proxy_url}"]
@@ -300,3 +346,49 @@ class CloudHost(ThrowawayHost):
         runcmd = doc.get("runcmd") or []
         script = "#!/bin/sh\n" + "".join((c if isinstance(c, str) else " ".join(c)) + "\n" for c in runcmd)
         return self.run_as_cloud_final(script, timeout=timeout)
+
+
+# -- machine images ------------------------------------------------------------------------------
+
+# written per boot (they name this session's proxy / endpoints), never part of an image
+_PER_BOOT = ("./etc/pip.conf", "./etc/apt/apt.conf.d/80rlfleet-proxy", "./etc/aws", "./var/log/journal",
+             "./etc/machine-id", "./etc/hostname", "./etc/hosts", "./opt/wheels")
+
+
+def image_key(inputs: dict) -> str:
+    """12 hex of the image's inputs (with the pristine root it starts from)."""
+    blob = json.dumps({"base": TARBALL.name, **inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_image(name: str, inputs: dict, build: Callable[[CloudHost], None], *, lan: CloudLan, ip: str,
+                 workdir: Path, log=print) -> tuple[Path, bool]:
+    """The machine image ``name`` for these inputs: a root tarball in CACHE_DIR
+    (``<name>-image-<key>.tar.zst``), built once on this machine by booting a host at ``ip`` on the
+    LAN and running ``build(host)`` on it (the host has pip's and apt's proxy configuration).
+    Returns (tarball, built now?). Per-boot files (_PER_BOOT) are left out."""
+    path = CACHE_DIR / f"{name}-image-{image_key(inputs)}.tar.zst"
+    if path.exists():
+        return path, False
+    with machine_lock(CACHE_DIR / f"{name}-image.lock"):
+        if path.exists():  # another session built it meanwhile
+            return path, False
+        host = CloudHost(workdir / f"{name}-image-build", lan=lan, ip=ip)
+        try:
+            host.start(log=log)
+            host.write_pip_conf()
+            host.write_apt_conf()
+            build(host)
+            host.nsexec("sync")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            excludes = [f"--exclude={e}" for e in _PER_BOOT]
+            _run("tar", "-C", str(host.root), "--numeric-owner", *excludes, "-I", "zstd -T2 -3", "-cf", str(tmp),
+                 ".", timeout=900)
+            tmp.replace(path)
+        finally:
+            host.stop()
+    for old in CACHE_DIR.glob(f"{name}-image-*.tar.zst"):  # images of other inputs: stale
+        if old != path:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return path, True

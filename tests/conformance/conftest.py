@@ -23,9 +23,11 @@ docs/conformance.md carries.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,8 +86,15 @@ def conformance_onprem(onprem, tmp_path_factory) -> ConformanceTarget:
     return ct
 
 
+def say(request: pytest.FixtureRequest, line: str) -> None:
+    """A line on the terminal even under pytest's output capture (fixture timings)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(line, flush=True)
+
+
 @pytest.fixture(scope="session")
-def aws_node_cluster(tmp_path_factory):
+def aws_node_cluster(request):
     from onprem.session import _preconditions
 
     from .awsnode import start_cluster
@@ -94,7 +103,8 @@ def aws_node_cluster(tmp_path_factory):
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-awsnode-"))
     try:
         cluster = start_cluster(workdir, workers=1)  # stops what it started when it fails
-        print(f"\n[aws-node] timings (s): {cluster.timings}")
+        say(request, "\n[aws-node] cluster timings (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in cluster.timings.items()))
         yield cluster
         cluster.stop()
     finally:
@@ -102,7 +112,7 @@ def aws_node_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def conformance_aws_node(aws_node_cluster, tmp_path_factory) -> Iterator[ConformanceTarget]:
+def conformance_aws_node(aws_node_cluster, tmp_path_factory, request) -> Iterator[ConformanceTarget]:
     from rlfleet.provisioners.pulumi_stack import target_from_outputs
     from rlfleet.targets import save_target
 
@@ -116,6 +126,7 @@ def conformance_aws_node(aws_node_cluster, tmp_path_factory) -> Iterator[Conform
         mp.setenv(k, v)
     mp.delenv("AWS_PROFILE", raising=False)
     forwarder = None
+    t0 = time.monotonic()
     try:
         # the target exactly as 'rlfleet target add aws --outputs-file' builds it from the stack outputs
         target = target_from_outputs("aws-node-conformance", cl.rendered.outputs, kind="aws", wait_for_ca=60)
@@ -127,6 +138,7 @@ def conformance_aws_node(aws_node_cluster, tmp_path_factory) -> Iterator[Conform
         ct = AwsNodeConformance(key="aws-node", target=target, own_store=target.artifact_root, timeout=600,
                                 cache={"tmp": str(tmp_path_factory.mktemp("conformance-aws-node"))})
         ct.cluster, ct.forwarder = cl, forwarder
+        say(request, f"[aws-node] target ready (CA fetched, Jobs API answering) in {time.monotonic() - t0:.0f} s")
         yield ct
     finally:
         if forwarder is not None:
@@ -189,8 +201,12 @@ def conformance_gcp_node(gcp_node_cluster, tmp_path_factory) -> Iterator[Conform
 # -- the parametrization every scenario uses -------------------------------------------------------
 
 @pytest.fixture(scope="session", params=TARGETS)
-def tgt(request) -> ConformanceTarget:
-    return request.getfixturevalue("conformance_" + request.param.replace("-", "_"))
+def tgt(request) -> Iterator[ConformanceTarget]:
+    ct = request.getfixturevalue("conformance_" + request.param.replace("-", "_"))
+    yield ct
+    # pytest runs a session param's tests together: when the session moves on to the next target,
+    # a cloud target's hosts go (they would slow every later run on this 2-core machine)
+    ct.release()
 
 
 # -- results table ---------------------------------------------------------------------------------

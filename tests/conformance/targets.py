@@ -69,6 +69,10 @@ class ConformanceTarget:
         raise NotImplementedError
         yield
 
+    def release(self) -> None:
+        """Called when the session is done with this target (its scenarios ran): stop what only it
+        uses. Idempotent; the session fixtures' own teardown still runs at the end."""
+
 
 def _pids_with_env(run_id: str, cmd_part: str) -> list[int]:
     # the run id travels in the run's environment: RLFLEET_RUN_ID, or inside the run envelope's JSON

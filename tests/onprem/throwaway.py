@@ -88,9 +88,10 @@ class ThrowawayHost:
         self.timings: dict[str, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self, log=print) -> ThrowawayHost:
+    def start(self, log=print, *, tarball: Path | None = None) -> ThrowawayHost:
+        """Boot from ``tarball`` (a root filesystem, e.g. a cached machine image) or the pristine root."""
         t0 = time.monotonic()
-        tarball = ensure_root_tarball(log)
+        tarball = tarball or ensure_root_tarball(log)
         self.timings["debootstrap_or_cache"] = time.monotonic() - t0
         t0 = time.monotonic()
         self.root.mkdir(parents=True)
