@@ -1,10 +1,12 @@
-"""The seams of the ``rlfleet`` package, read from its source (no import needed):
+"""The seams of the project's Python packages, read from their source (no import needed): the SDK
+(``rlfleet``), the agents (``rlfleet_agents``), the Pulumi programs' packages (``rlfleet_cloud``,
+``rlfleet_aws``, ``rlfleet_gcp``) and the Ansible filter plugins (``rlfleet_hardening``):
 
 - no module reaches a private name of another: ``from m import _x``, ``m._x`` on an imported
-  rlfleet module, or ``obj._x`` where ``_x`` is defined in another module (imports inside
+  module of these packages, or ``obj._x`` where ``_x`` is defined in another module (imports inside
   functions count too; private *modules* such as ``rlfleet._netns`` are package-internal and may
   be imported, their private names may not);
-- the module-level imports inside ``rlfleet`` have no cycle (``if TYPE_CHECKING:`` blocks and
+- the module-level imports among these modules have no cycle (``if TYPE_CHECKING:`` blocks and
   imports inside functions excluded: they run after every module is loaded);
 - ``<target>.kind == ...`` (or ``!=``, ``in``) is written in the provisioner registry only.
 """
@@ -14,21 +16,37 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SDK = Path(__file__).resolve().parents[2] / "sdk"
-PKG = SDK / "rlfleet"
+REPO = Path(__file__).resolve().parents[2]
+# a package directory (its modules are named from its parent) or a plain plugin directory (its
+# files are top-level modules, as Ansible loads them)
+SOURCES = [
+    REPO / "sdk" / "rlfleet",
+    REPO / "agents" / "rlfleet_agents",
+    REPO / "infra_cloud" / "shared" / "rlfleet_cloud",
+    REPO / "infra_cloud" / "aws" / "rlfleet_aws",
+    REPO / "infra_cloud" / "gcp" / "rlfleet_gcp",
+    REPO / "ansible" / "filter_plugins",
+]
 REGISTRY = "rlfleet.provisioners.registry"
 
 
-def _modname(path: Path) -> str:
-    parts = list(path.relative_to(SDK).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
+def _read(sources: list[Path]) -> tuple[dict[str, ast.Module], set[str]]:
+    """Every module below ``sources`` by dotted name, and the names that are packages."""
+    modules: dict[str, ast.Module] = {}
+    packages: set[str] = set()
+    for src in sources:
+        is_pkg = (src / "__init__.py").exists()
+        root = src.parent if is_pkg else src
+        for p in sorted(src.rglob("*.py") if is_pkg else src.glob("*.py")):
+            parts = list(p.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+                packages.add(".".join(parts))
+            modules[".".join(parts)] = ast.parse(p.read_text(), filename=str(p))
+    return modules, packages
 
 
-MODULES: dict[str, ast.Module] = {
-    _modname(p): ast.parse(p.read_text(), filename=str(p)) for p in sorted(PKG.rglob("*.py"))
-}
+MODULES, PACKAGES = _read(SOURCES)
 
 
 def _is_private(name: str) -> bool:
@@ -38,9 +56,8 @@ def _is_private(name: str) -> bool:
 def _resolve(mod: str, node: ast.ImportFrom) -> str:
     if not node.level:
         return node.module or ""
-    is_pkg = (PKG.parent / mod.replace(".", "/") / "__init__.py").exists()
     base = mod.split(".")
-    base = base if is_pkg else base[:-1]
+    base = base if mod in PACKAGES else base[:-1]
     base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
@@ -63,21 +80,26 @@ def _defined_names(tree: ast.Module) -> set[str]:
 
 
 def private_reaches(modules: dict[str, ast.Module]) -> list[str]:
+    ours = tuple({m.split(".")[0] for m in modules})  # the top-level packages being checked
+
+    def is_ours(name: str) -> bool:
+        return name.split(".")[0] in ours
+
     found = []
     for mod, tree in modules.items():
         own = _defined_names(tree)
-        module_aliases: dict[str, str] = {}  # local name -> rlfleet module it is bound to
+        module_aliases: dict[str, str] = {}  # local name -> module of ours it is bound to
         for n in ast.walk(tree):
             if isinstance(n, ast.Import):
                 for a in n.names:
-                    if a.name.startswith("rlfleet"):
+                    if is_ours(a.name):
                         module_aliases[a.asname or a.name] = a.name
             elif isinstance(n, ast.ImportFrom):
                 src = _resolve(mod, n)
                 for a in n.names:
                     if f"{src}.{a.name}" in modules:
                         module_aliases[a.asname or a.name] = f"{src}.{a.name}"
-                    elif src.startswith("rlfleet") and _is_private(a.name):
+                    elif is_ours(src) and _is_private(a.name):
                         found.append(f"{mod}:{n.lineno}: from {src} import {a.name}")
         for n in ast.walk(tree):
             if not (isinstance(n, ast.Attribute) and _is_private(n.attr)):
@@ -201,11 +223,28 @@ def test_the_checks_see_what_they_look_for() -> None:
     assert kind_comparisons(planted) == ["rlfleet.b:5: t.kind == 'aws'"]
 
 
+def test_the_private_name_check_sees_reaches_across_the_packages() -> None:
+    """Every package is read, and a reach from one package into another is flagged: the agents
+    into the SDK, a filter plugin into the Pulumi programs' settings, a cloud program into the
+    shared package through an attribute."""
+    assert {m.split(".")[0] for m in MODULES} == {
+        "rlfleet", "rlfleet_agents", "rlfleet_cloud", "rlfleet_aws", "rlfleet_gcp", "rlfleet_hardening"}
+    planted = {
+        "rlfleet.b": ast.parse("_hidden = 1\n"),
+        "rlfleet_agents.x": ast.parse("from rlfleet.b import _hidden\n"),
+        "rlfleet_cloud.settings": ast.parse("_V4_MAPPED = 1\n"),
+        "rlfleet_hardening": ast.parse("import rlfleet_cloud.settings as s\nv = s._V4_MAPPED\n"),
+        "rlfleet_aws.y": ast.parse("def f(cfg):\n    return cfg._V4_MAPPED\n"),
+    }
+    assert sorted(r.split(":")[0] for r in private_reaches(planted)) == [
+        "rlfleet_agents.x", "rlfleet_aws.y", "rlfleet_hardening"]
+
+
 def test_no_module_imports_a_private_name_of_another() -> None:
     assert private_reaches(MODULES) == []
 
 
-def test_no_import_cycle_inside_rlfleet() -> None:
+def test_no_import_cycle_among_the_packages() -> None:
     assert import_cycles(MODULES) == []
 
 
