@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,6 +74,21 @@ class DeployOptions(_Frozen):
         if v is not None and not _SLUG.match(v):
             raise ValueError("must be lowercase letters, digits and '-', starting with a letter or digit")
         return v
+
+
+# The text formats a spec is read from: loader, the error it raises, that error on one line.
+_TEXT_FORMATS: dict[str, tuple[Callable[[str], Any], type[Exception], Callable[[Any], str]]] = {
+    "JSON": (json.loads, json.JSONDecodeError, str),
+    "YAML": (yaml.safe_load, yaml.YAMLError, yaml_problem),
+}
+
+
+def _load_text(text: str, fmt: str) -> Any:
+    load, error, describe = _TEXT_FORMATS[fmt]
+    try:
+        return load(text)
+    except error as err:
+        raise SpecError(f"run spec is not valid {fmt}: {describe(err)}") from None
 
 
 class RunSpec(_Frozen):
@@ -197,19 +213,11 @@ class RunSpec(_Frozen):
 
     @classmethod
     def from_json(cls, text: str) -> RunSpec:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SpecError(f"run spec is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_load_text(text, "JSON"))
 
     @classmethod
     def from_yaml(cls, text: str) -> RunSpec:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise SpecError(f"run spec is not valid YAML: {yaml_problem(err)}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_load_text(text, "YAML"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> RunSpec:
