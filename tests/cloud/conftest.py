@@ -165,3 +165,36 @@ def build(program: Callable[[], dict[str, pulumi.Output]], config: dict[str, str
 @pytest.fixture(scope="session")
 def mocks() -> Mocks:
     return MOCKS
+
+
+# The programs as infra_cloud/{aws,gcp}/__main__.py run them, and the base config per cloud that
+# tests extend; ``aws`` / ``gcp`` build each once per test module.
+AWS_BASE = {"rlfleet-aws:admin_cidrs": '["203.0.113.0/24", "2001:db8::/48"]', "rlfleet-aws:worker_count": "2"}
+GCP_BASE = {"rlfleet-gcp:admin_cidrs": '["203.0.113.0/24"]', "rlfleet-gcp:worker_count": "2",
+            "rlfleet-gcp:max_lifetime_hours": "12"}
+
+
+def aws_program() -> dict[str, pulumi.Output]:
+    from rlfleet_aws.cluster import RayGpuCluster
+    from rlfleet_aws.config import load_settings
+
+    s = load_settings()
+    return RayGpuCluster(f"rlfleet-{s.stack}", s).outputs
+
+
+def gcp_program() -> dict[str, pulumi.Output]:
+    from rlfleet_gcp.cluster import RayGpuCluster
+    from rlfleet_gcp.config import load_settings
+
+    s = load_settings()
+    return RayGpuCluster(f"rlfleet-{s.stack}", s, region="us-central1").outputs
+
+
+@pytest.fixture(scope="module")
+def aws() -> Built:
+    return build(aws_program, AWS_BASE)
+
+
+@pytest.fixture(scope="module")
+def gcp() -> Built:
+    return build(gcp_program, GCP_BASE)

@@ -13,23 +13,9 @@ import yaml
 
 from rlfleet import stack_outputs as so
 
-from .conftest import Built, build
-from .test_aws_stack import BASE as AWS_BASE
-from .test_aws_stack import aws_program
-from .test_gcp_stack import BASE as GCP_BASE
-from .test_gcp_stack import gcp_program
+from .conftest import Built
 
 SERVE = list(range(8600, 8608))
-
-
-@pytest.fixture(scope="module")
-def aws() -> Built:
-    return build(aws_program, AWS_BASE)
-
-
-@pytest.fixture(scope="module")
-def gcp() -> Built:
-    return build(gcp_program, GCP_BASE)
 
 
 def _aws_script(stack: Built, role: str) -> str:

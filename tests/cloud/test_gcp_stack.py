@@ -10,53 +10,37 @@ import pytest
 
 from rlfleet import stack_outputs as so
 
-from .conftest import GCP_PROJECT, GCP_PROJECT_NUMBER, SECRET_SIG, Built, build
+from .conftest import GCP_BASE, GCP_PROJECT, GCP_PROJECT_NUMBER, SECRET_SIG, Built, build, gcp_program
 from .policies import gcp_violations
 
-BASE = {"rlfleet-gcp:admin_cidrs": '["203.0.113.0/24"]', "rlfleet-gcp:worker_count": "2",
-        "rlfleet-gcp:max_lifetime_hours": "12"}
 
-
-def gcp_program() -> dict[str, pulumi.Output]:
-    from rlfleet_gcp.cluster import RayGpuCluster
-    from rlfleet_gcp.config import load_settings
-
-    s = load_settings()
-    return RayGpuCluster(f"rlfleet-{s.stack}", s, region="us-central1").outputs
-
-
-@pytest.fixture(scope="module")
-def stack() -> Built:
-    return build(gcp_program, BASE)
-
-
-def test_policy_checks_pass_and_can_fail(stack: Built) -> None:
-    assert gcp_violations(stack.resources, stack.outputs[so.OUTPUT_STACK_TAG]) == []
-    broken = copy.deepcopy(stack.resources)
+def test_policy_checks_pass_and_can_fail(gcp: Built) -> None:
+    assert gcp_violations(gcp.resources, gcp.outputs[so.OUTPUT_STACK_TAG]) == []
+    broken = copy.deepcopy(gcp.resources)
     vm = next(r for r in broken if r.typ == "gcp:compute/instance:Instance")
     vm.inputs["metadata"]["enable-oslogin"] = "FALSE"
     fw = next(r for r in broken if r.typ == "gcp:compute/firewall:Firewall" and r.name.endswith("admin"))
     fw.inputs["sourceRanges"] = ["0.0.0.0/0"]
     next(r for r in broken if r.typ == "gcp:storage/bucket:Bucket").inputs["labels"] = {}
-    found = gcp_violations(broken, stack.outputs[so.OUTPUT_STACK_TAG])
+    found = gcp_violations(broken, gcp.outputs[so.OUTPUT_STACK_TAG])
     assert any("OS Login" in v for v in found) and any("world-open" in v for v in found)
     assert any("missing rlfleet labels" in v for v in found)
 
 
-def test_firewall_admin_cidrs_and_intra_cluster_only(stack: Built) -> None:
-    fws = {r.name.rsplit("-", 1)[1]: r.inputs for r in stack.of("gcp:compute/firewall:Firewall")}
+def test_firewall_admin_cidrs_and_intra_cluster_only(gcp: Built) -> None:
+    fws = {r.name.rsplit("-", 1)[1]: r.inputs for r in gcp.of("gcp:compute/firewall:Firewall")}
     assert set(fws) == {"admin", "intra"}
     assert fws["admin"]["sourceRanges"] == ["203.0.113.0/24"]
     assert fws["admin"]["allows"] == [{"protocol": "tcp", "ports": ["22", "8443", "8600-8607"]}]
     assert fws["intra"]["sourceTags"] == ["rlfleet-dev"] and "sourceRanges" not in fws["intra"]
-    assert stack.one("gcp:compute/network:Network").inputs["autoCreateSubnetworks"] is False
-    assert stack.one("gcp:compute/routerNat:RouterNat")
+    assert gcp.one("gcp:compute/network:Network").inputs["autoCreateSubnetworks"] is False
+    assert gcp.one("gcp:compute/routerNat:RouterNat")
 
 
-def test_vms_shielded_oslogin_cmek_gpu(stack: Built) -> None:
-    vms = {r.inputs["name"]: r.inputs for r in stack.of("gcp:compute/instance:Instance")}
+def test_vms_shielded_oslogin_cmek_gpu(gcp: Built) -> None:
+    vms = {r.inputs["name"]: r.inputs for r in gcp.of("gcp:compute/instance:Instance")}
     assert set(vms) == {"rlfleet-dev-head", "rlfleet-dev-worker-0", "rlfleet-dev-worker-1"}
-    key_id = stack.one("gcp:kms/cryptoKey:CryptoKey").state["id"]
+    key_id = gcp.one("gcp:kms/cryptoKey:CryptoKey").state["id"]
     for vm in vms.values():
         assert vm["shieldedInstanceConfig"] == {"enableSecureBoot": True, "enableVtpm": True,
                                                 "enableIntegrityMonitoring": True}
@@ -76,28 +60,28 @@ def test_vms_shielded_oslogin_cmek_gpu(stack: Built) -> None:
 
 
 def test_spot_workers_stop_on_preemption() -> None:
-    b = build(gcp_program, {**BASE, "rlfleet-gcp:spot": "true", "rlfleet-gcp:worker_count": "1"})
+    b = build(gcp_program, {**GCP_BASE, "rlfleet-gcp:spot": "true", "rlfleet-gcp:worker_count": "1"})
     w = next(r.inputs for r in b.of("gcp:compute/instance:Instance") if r.inputs["name"].endswith("worker-0"))
     assert w["scheduling"]["provisioningModel"] == "SPOT" and w["scheduling"]["instanceTerminationAction"] == "STOP"
 
 
-def test_bucket_cmek_private_versioned_lifecycle(stack: Built) -> None:
-    b = stack.one("gcp:storage/bucket:Bucket").inputs
-    assert b["encryption"] == {"defaultKmsKeyName": stack.one("gcp:kms/cryptoKey:CryptoKey").state["id"]}
+def test_bucket_cmek_private_versioned_lifecycle(gcp: Built) -> None:
+    b = gcp.one("gcp:storage/bucket:Bucket").inputs
+    assert b["encryption"] == {"defaultKmsKeyName": gcp.one("gcp:kms/cryptoKey:CryptoKey").state["id"]}
     assert b["publicAccessPrevention"] == "enforced" and b["uniformBucketLevelAccess"] is True
     assert b["versioning"] == {"enabled": True}
     actions = {r["action"]["type"]: r["condition"] for r in b["lifecycleRules"]}
     assert actions["Delete"] == {"daysSinceNoncurrentTime": 14, "withState": "ARCHIVED"}
     assert actions["SetStorageClass"]["matchesPrefixes"] == ["rlfleet/runs/"]
-    grants = {r.inputs["member"] for r in stack.of("gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember")}
+    grants = {r.inputs["member"] for r in gcp.of("gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember")}
     assert grants == {f"serviceAccount:service-{GCP_PROJECT_NUMBER}@gs-project-accounts.iam.gserviceaccount.com",
                       f"serviceAccount:service-{GCP_PROJECT_NUMBER}@compute-system.iam.gserviceaccount.com"}
 
 
-def test_identity_scoped_to_own_bucket_secret_logs_metrics(stack: Built) -> None:
-    node_sa = next(r for r in stack.of("gcp:serviceaccount/account:Account") if r.inputs["accountId"].endswith("node"))
+def test_identity_scoped_to_own_bucket_secret_logs_metrics(gcp: Built) -> None:
+    node_sa = next(r for r in gcp.of("gcp:serviceaccount/account:Account") if r.inputs["accountId"].endswith("node"))
     member = f"serviceAccount:{node_sa.state['email']}"
-    mine = [r for r in stack.resources if r.inputs.get("member") == member]
+    mine = [r for r in gcp.resources if r.inputs.get("member") == member]
     got = sorted((r.typ.split("/")[-1], r.inputs["role"]) for r in mine)
     assert got == [("bucketIAMMember:BucketIAMMember", "roles/storage.objectUser"),
                    ("bucketIAMMember:BucketIAMMember", "roles/storage.objectViewer"),  # the kit, read-only
@@ -105,25 +89,25 @@ def test_identity_scoped_to_own_bucket_secret_logs_metrics(stack: Built) -> None
                    ("iAMMember:IAMMember", "roles/monitoring.metricWriter"),
                    ("secretIamMember:SecretIamMember", "roles/secretmanager.secretAccessor")]
     bucket = next(r for r in mine if r.typ.endswith("BucketIAMMember"))
-    assert bucket.inputs["bucket"] == stack.one("gcp:storage/bucket:Bucket").state["name"]
+    assert bucket.inputs["bucket"] == gcp.one("gcp:storage/bucket:Bucket").state["name"]
     secret = next(r for r in mine if r.typ.endswith("SecretIamMember"))
     assert secret.inputs["secretId"] == "rlfleet-dev-ray-token"
-    role = stack.one("gcp:projects/iAMCustomRole:IAMCustomRole").inputs
+    role = gcp.one("gcp:projects/iAMCustomRole:IAMCustomRole").inputs
     assert role["permissions"] == ["compute.instances.get", "compute.instances.stop"]
-    binding = next(r for r in stack.of("gcp:projects/iAMMember:IAMMember") if "condition" in r.inputs)
+    binding = next(r for r in gcp.of("gcp:projects/iAMMember:IAMMember") if "condition" in r.inputs)
     expr = binding.inputs["condition"]["expression"]  # exact names (test_stack_scope.py)
     assert '/instances/rlfleet-dev-head"' in expr and "startsWith" not in expr
 
 
-def test_secret_and_outputs(stack: Built) -> None:
-    pw = stack.one("random:index/randomPassword:RandomPassword")
-    v = stack.one("gcp:secretmanager/secretVersion:SecretVersion").inputs
+def test_secret_and_outputs(gcp: Built) -> None:
+    pw = gcp.one("random:index/randomPassword:RandomPassword")
+    v = gcp.one("gcp:secretmanager/secretVersion:SecretVersion").inputs
     assert v["secretData"]["value"] == pw.state["result"] and SECRET_SIG in v["secretData"]
-    assert [k for k, s in stack.secret.items() if s] == [so.OUTPUT_RAY_TOKEN]
-    for r in stack.resources:
+    assert [k for k, s in gcp.secret.items() if s] == [so.OUTPUT_RAY_TOKEN]
+    for r in gcp.resources:
         if r.typ not in ("gcp:secretmanager/secretVersion:SecretVersion", "random:index/randomPassword:RandomPassword"):
             assert pw.state["result"] not in json.dumps(r.inputs, default=str), r.typ
-    o = stack.outputs
+    o = gcp.outputs
     assert set(o) == set(so.ALL_OUTPUTS)
     assert o[so.OUTPUT_RAY_ADDRESS] == "https://203.0.113.50:8443"
     assert o[so.OUTPUT_ARTIFACT_ROOT] == f"gs://rlfleet-dev-{GCP_PROJECT}/rlfleet"
@@ -131,42 +115,42 @@ def test_secret_and_outputs(stack: Built) -> None:
     assert o[so.OUTPUT_REGION] == "us-central1"
 
 
-def test_alerts_idle_stop_function_and_dashboard(stack: Built) -> None:
-    pols = {r.name.split("rlfleet-dev-mon-")[1]: r.inputs for r in stack.of("gcp:monitoring/alertPolicy:AlertPolicy")}
+def test_alerts_idle_stop_function_and_dashboard(gcp: Built) -> None:
+    pols = {r.name.split("rlfleet-dev-mon-")[1]: r.inputs for r in gcp.of("gcp:monitoring/alertPolicy:AlertPolicy")}
     assert set(pols) == {"gpu-idle-stop", "head-idle-stop", "unhealthy", "disk-full"}
     gpu = pols["gpu-idle-stop"]["conditions"][0]["conditionThreshold"]
     assert "agent.googleapis.com/gpu/utilization" in gpu["filter"] and gpu["duration"] == "1800s"
-    assert f'metadata.user_labels."rlfleet-stack" = "{stack.outputs[so.OUTPUT_STACK_TAG]}"' in gpu["filter"]
-    channel = next(r for r in stack.of("gcp:monitoring/notificationChannel:NotificationChannel"))
+    assert f'metadata.user_labels."rlfleet-stack" = "{gcp.outputs[so.OUTPUT_STACK_TAG]}"' in gpu["filter"]
+    channel = next(r for r in gcp.of("gcp:monitoring/notificationChannel:NotificationChannel"))
     assert channel.inputs["type"] == "pubsub"
     assert pols["gpu-idle-stop"]["notificationChannels"] == [channel.state["id"]]
-    fn = stack.one("gcp:cloudfunctionsv2/function:Function").inputs
-    assert fn["eventTrigger"]["pubsubTopic"] == stack.one("gcp:pubsub/topic:Topic").state["id"]
+    fn = gcp.one("gcp:cloudfunctionsv2/function:Function").inputs
+    assert fn["eventTrigger"]["pubsubTopic"] == gcp.one("gcp:pubsub/topic:Topic").state["id"]
     assert fn["serviceConfig"]["ingressSettings"] == "ALLOW_INTERNAL_ONLY"
     assert "conditionAbsent" in pols["unhealthy"]["conditions"][0]
     assert pols["disk-full"]["conditions"][0]["conditionThreshold"]["thresholdValue"] == 90
-    dash = stack.one("gcp:monitoring/dashboard:Dashboard").inputs["dashboardJson"]
+    dash = gcp.one("gcp:monitoring/dashboard:Dashboard").inputs["dashboardJson"]
     for name in ("ray_rlfleet_episode_return", "ray_rlfleet_steps_per_second", "gpu/utilization",
                  "gpu/memory/bytes_used", "instance/uptime", "disk/percent_used"):
         assert name in dash
 
 
-def test_typed_components(stack: Built) -> None:
-    assert {r.typ for r in stack.resources if r.typ.startswith("rlfleet:")} == {
+def test_typed_components(gcp: Built) -> None:
+    assert {r.typ for r in gcp.resources if r.typ.startswith("rlfleet:")} == {
         "rlfleet:gcp:RayGpuCluster", "rlfleet:gcp:Network", "rlfleet:gcp:ClusterStorage", "rlfleet:gcp:NodeIdentity",
         "rlfleet:gcp:RayHead", "rlfleet:gcp:GpuNodePool", "rlfleet:gcp:ClusterMonitoring", "rlfleet:gcp:KitObjects"}
 
 
 def test_config_errors_stop_the_program() -> None:
     with pytest.raises(pulumi.RunError, match="not a valid CIDR"):
-        build(gcp_program, {**BASE, "rlfleet-gcp:admin_cidrs": '["10.0.0.300/32"]'})
+        build(gcp_program, {**GCP_BASE, "rlfleet-gcp:admin_cidrs": '["10.0.0.300/32"]'})
     with pytest.raises(pulumi.RunError, match="unknown GPU type 'nvidia-z100'"):
-        build(gcp_program, {**BASE, "rlfleet-gcp:gpu_type": "nvidia-z100"})
+        build(gcp_program, {**GCP_BASE, "rlfleet-gcp:gpu_type": "nvidia-z100"})
 
 
-def test_service_accounts_carry_the_stack_marker_teardown_scans_for(stack: Built) -> None:
+def test_service_accounts_carry_the_stack_marker_teardown_scans_for(gcp: Built) -> None:
     """Service accounts cannot carry labels; teardown's gcp.scan_stack matches this description marker."""
-    sas = stack.of("gcp:serviceaccount/account:Account")
+    sas = gcp.of("gcp:serviceaccount/account:Account")
     assert len(sas) >= 2
     for sa in sas:
-        assert f"rlfleet-stack={stack.outputs[so.OUTPUT_STACK_TAG]}" in sa.inputs["description"].split(), sa.name
+        assert f"rlfleet-stack={gcp.outputs[so.OUTPUT_STACK_TAG]}" in sa.inputs["description"].split(), sa.name

@@ -15,11 +15,7 @@ import pytest
 from rlfleet.kit import build_kit
 from rlfleet_cloud.settings import StackConfigError, parse_settings
 
-from .conftest import ROOT, Built, build
-from .test_aws_stack import BASE as AWS_BASE
-from .test_aws_stack import aws_program
-from .test_gcp_stack import BASE as GCP_BASE
-from .test_gcp_stack import gcp_program
+from .conftest import AWS_BASE, GCP_BASE, ROOT, Built, aws_program, build, gcp_program
 
 KIT_PREFIX = "rlfleet/kit/"
 

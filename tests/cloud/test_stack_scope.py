@@ -18,22 +18,8 @@ import pytest
 
 from rlfleet import stack_outputs as so
 
-from .conftest import ACCOUNT, GCP_PROJECT, Built, build
+from .conftest import ACCOUNT, AWS_BASE, GCP_PROJECT, Built, aws_program, build
 from .policies import aws_violations, gcp_violations
-from .test_aws_stack import BASE as AWS_BASE
-from .test_aws_stack import aws_program
-from .test_gcp_stack import BASE as GCP_BASE
-from .test_gcp_stack import gcp_program
-
-
-@pytest.fixture(scope="module")
-def aws() -> Built:
-    return build(aws_program, AWS_BASE)
-
-
-@pytest.fixture(scope="module")
-def gcp() -> Built:
-    return build(gcp_program, GCP_BASE)
 
 
 def test_aws_stack_id_is_exported_tags_everything_and_differs_by_region_and_project(aws: Built) -> None:
