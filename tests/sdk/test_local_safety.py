@@ -87,35 +87,26 @@ _SANDBOX = textwrap.dedent(
     victims = {"holder": holder, "forwarder": fwd, "bystander": bystander, "marked": marked,
                "other_holder": other, "inside_other": inside}
     base = {"dashboard_port": 9, "serve_ports": [], "temp_dir": str(shared_tmp), "started_at": 0}
+
+    # the state a netns cluster records; a skewed start time is a pid reused by another process
+    def recorded(holder, fwd, netns, *, boot=boot, holder_skew=0, forwarder_skew=0):
+        return {**base, "isolation": "netns", "boot_id": boot,
+                "holder_pid": holder.pid, "holder_start": start(holder.pid) + holder_skew, "netns_inode": netns,
+                "forwarder_pid": fwd.pid, "forwarder_start": start(fwd.pid) + forwarder_skew}
+
     scenarios = [
         ("legacy state (no identity recorded)", "local_down",
          {**base, "isolation": "netns", "holder_pid": holder.pid, "forwarder_pid": fwd.pid}),
         ("holder pid reused (start time differs)", "destroy",
-         {**base, "isolation": "netns", "boot_id": boot, "holder_pid": holder.pid,
-          "holder_start": start(holder.pid) + 1, "netns_inode": host_ns,
-          "forwarder_pid": fwd.pid, "forwarder_start": start(fwd.pid) + 1}),
-        ("forged: live holder in the host namespace", "local_down",
-         {**base, "isolation": "netns", "boot_id": boot, "holder_pid": holder.pid,
-          "holder_start": start(holder.pid), "netns_inode": host_ns,
-          "forwarder_pid": fwd.pid, "forwarder_start": start(fwd.pid)}),
+         recorded(holder, fwd, host_ns, holder_skew=1, forwarder_skew=1)),
+        ("forged: live holder in the host namespace", "local_down", recorded(holder, fwd, host_ns)),
         ("pid reused by another cluster's holder", "destroy",
-         {**base, "isolation": "netns", "boot_id": boot, "holder_pid": other.pid,
-          "holder_start": start(other.pid) + 1, "netns_inode": ns(other.pid),
-          "forwarder_pid": inside.pid, "forwarder_start": start(inside.pid) + 1}),
-        ("namespace recorded differs from the holder's", "local_down",
-         {**base, "isolation": "netns", "boot_id": boot, "holder_pid": other.pid,
-          "holder_start": start(other.pid), "netns_inode": host_ns,
-          "forwarder_pid": inside.pid, "forwarder_start": start(inside.pid)}),
-        ("state from before a reboot", "destroy",
-         {**base, "isolation": "netns", "boot_id": "0" * 32, "holder_pid": other.pid,
-          "holder_start": start(other.pid), "netns_inode": ns(other.pid),
-          "forwarder_pid": inside.pid, "forwarder_start": start(inside.pid)}),
+         recorded(other, inside, ns(other.pid), holder_skew=1, forwarder_skew=1)),
+        ("namespace recorded differs from the holder's", "local_down", recorded(other, inside, host_ns)),
+        ("state from before a reboot", "destroy", recorded(other, inside, ns(other.pid), boot="0" * 32)),
         ("isolation none, temp_dir of someone else", "local_down",
          {**base, "isolation": "none", "boot_id": boot, "holder_pid": None, "forwarder_pid": None}),
-        ("submit_run finds stale state", "submit",
-         {**base, "isolation": "netns", "boot_id": boot, "holder_pid": holder.pid,
-          "holder_start": start(holder.pid) + 1, "netns_inode": host_ns,
-          "forwarder_pid": fwd.pid, "forwarder_start": start(fwd.pid)}),
+        ("submit_run finds stale state", "submit", recorded(holder, fwd, host_ns, holder_skew=1)),
     ]
     out = []
     for name, op, st in scenarios:
