@@ -13,10 +13,10 @@ import re
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlfleet._yaml import yaml_problem
 from rlfleet.agent_catalog import AGENTS
@@ -28,7 +28,19 @@ if TYPE_CHECKING:
     AgentName = str
 else:  # the built-in agents, from the catalog rlfleet_agents ships (rlfleet/data/agents.json)
     AgentName = Literal[AGENTS]
+
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _slug_or_none(v: str | None) -> str | None:
+    if v is not None and not _SLUG.match(v):
+        raise ValueError("must be 1-63 lowercase letters, digits and '-', starting with a letter or digit")
+    return v
+
+
+# a run's or a deploy's name (a Ray job id part, a URL path segment)
+_SlugName = Annotated[str | None, AfterValidator(_slug_or_none)]
+
 # Gymnasium ids: "CartPole-v1", "ALE/Pong-v5", or "my_pkg.envs:GridWorld-v0" (module:EnvName form).
 _ENV_ID = re.compile(r"^(?:[A-Za-z_][\w.]*:)?(?:[\w.-]+/)?[A-Za-z_][\w.-]*(?:-v\d+)?$")
 
@@ -64,16 +76,9 @@ class EvalOptions(_Frozen):
 
 
 class DeployOptions(_Frozen):
-    name: str | None = Field(default=None, description="policy name in the URL; default: the run's name")
+    name: _SlugName = Field(default=None, description="policy name in the URL; default: the run's name")
     port: int | None = Field(default=None, ge=1024, le=65535, description="default: a free port")
     host: str = Field(default="127.0.0.1", description="address the policy server binds on its node")
-
-    @field_validator("name")
-    @classmethod
-    def _slug(cls, v: str | None) -> str | None:
-        if v is not None and not _SLUG.match(v):
-            raise ValueError("must be lowercase letters, digits and '-', starting with a letter or digit")
-        return v
 
 
 # The text formats a spec is read from: loader, the error it raises, that error on one line.
@@ -95,7 +100,7 @@ class RunSpec(_Frozen):
     """One RL run: train, evaluate or deploy an agent."""
 
     kind: Kind
-    name: str | None = Field(default=None, description="a label for the run (lowercase, digits, '-')")
+    name: _SlugName = Field(default=None, description="a label for the run (lowercase, digits, '-')")
     env: str = Field(default="CartPole-v1", description="Gymnasium env id, or 'module:EnvName-v0'")
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     agent: AgentName = "ppo"
@@ -122,13 +127,6 @@ class RunSpec(_Frozen):
             raise SpecError(format_validation_error(err)) from None
 
     # -- field checks -------------------------------------------------------------------------
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and not _SLUG.match(v):
-            raise ValueError("must be 1-63 lowercase letters, digits and '-', starting with a letter or digit")
-        return v
-
     @field_validator("env")
     @classmethod
     def _env(cls, v: str) -> str:
