@@ -48,6 +48,7 @@ class RunContext:
     spec: RunSpec
     arts: RunArtifacts | None = None
     stop_requested: bool = False
+    sources: dict[str, str | None] | None = None  # sha256 of environment.txt / code.zip (rlfleet_agents.provenance)
 
     @classmethod
     def from_env(cls, argv: list[str]) -> RunContext:
@@ -73,6 +74,14 @@ class RunContext:
 
     def open_other(self, uri: str) -> RunArtifacts:
         return open_run(uri, storage_options=self.storage_options, retry_s=STORE_RETRY_S)
+
+    def commit(self, extra: dict[str, Any]) -> None:
+        """Write manifest.json with ``extra`` and the run's provenance (the commit point)."""
+        from rlfleet_agents.provenance import provenance
+
+        assert self.arts is not None and self.sources is not None
+        self.arts.commit(extra=extra, provenance=provenance(self.envelope, self.spec, self.sources,
+                                                           str(extra.get("device", "cpu"))))
 
 
 def _device_label() -> str:
@@ -113,7 +122,7 @@ def run_train(ctx: RunContext, start: float) -> int:
                                       "env": spec.env, "seed": spec.seed})
         extra = {**_common_extra(ctx, start), "env_steps": summary["env_steps"], "device": "cpu",
                  "final_eval": {k: summary[k] for k in ("episodes", "mean", "std", "min", "max")}}
-        arts.commit(extra=extra)
+        ctx.commit(extra)
         return 0
 
     import numpy as np
@@ -186,7 +195,7 @@ def run_train(ctx: RunContext, start: float) -> int:
             "resumed_from": resumed_from,
             "ray_metrics": _ray_metrics_state(writer),
         }
-        arts.commit(extra=extra)
+        ctx.commit(extra)
         print(f"done: {res.global_step} steps in {res.wall_time_s:.1f} s, eval mean {final['mean']:.1f}", flush=True)
         return 0
     finally:
@@ -271,7 +280,7 @@ def run_eval(ctx: RunContext, start: float) -> int:
     extra = {**_common_extra(ctx, start), "env_steps": int(sum(result["lengths"])), "device": "cpu",
              "source_run": src.run_id, "policy_sha256": policy.sha256,
              "final_eval": {k: result[k] for k in ("episodes", "mean", "std", "min", "max")}}
-    arts.commit(extra=extra)
+    ctx.commit(extra)
     print(f"eval of {src.run_id}: mean {result['mean']:.2f} ± {result['std']:.2f} over "
           f"{result['episodes']} episodes", flush=True)
     return 0
@@ -333,8 +342,8 @@ def run_deploy(ctx: RunContext, start: float) -> int:
 
     def started() -> None:
         arts.write_json("endpoint.json", endpoint)
-        arts.commit(extra={**_common_extra(ctx, start), "source_run": src.run_id,
-                           "policy_sha256": policy.sha256, "endpoint": endpoint, "device": "cpu"})
+        ctx.commit({**_common_extra(ctx, start), "source_run": src.run_id,
+                    "policy_sha256": policy.sha256, "endpoint": endpoint, "device": "cpu"})
         print(f"serving {name} at {endpoint['url']}{app.path}", flush=True)
 
     serve_forever(app, sock, on_started=started)
@@ -367,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.arts.is_complete():
             raise RunError(f"run {ctx.run_id} already committed a manifest in {ctx.arts.uri}; use a new run id")
         ctx.arts.write_text("spec.json", ctx.spec.to_json())
+        from rlfleet_agents.provenance import write_sources
+
+        ctx.sources = write_sources(ctx.arts, ctx.spec)
         if ctx.spec.kind == Kind.TRAIN:
             return run_train(ctx, start)
         if ctx.spec.kind == Kind.EVAL:

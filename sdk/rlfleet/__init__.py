@@ -19,6 +19,7 @@ _EXPORTS = {
     "RunStatus": "rlfleet.runs",
     "get_run": "rlfleet.runs",
     "list_runs": "rlfleet.runs",
+    "reproduce_run": "rlfleet.runs",
     "submit_run": "rlfleet.runs",
     "RunSpec": "rlfleet.spec",
     "Target": "rlfleet.targets",
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from rlfleet.errors import RlfleetError  # noqa: F401
-    from rlfleet.runs import Run, RunStatus, get_run, list_runs, submit_run  # noqa: F401
+    from rlfleet.runs import Run, RunStatus, get_run, list_runs, reproduce_run, submit_run  # noqa: F401
     from rlfleet.spec import RunSpec  # noqa: F401
     from rlfleet.targets import Target, get_target  # noqa: F401
 

@@ -113,18 +113,19 @@ class Manifest:
     files: dict[str, FileEntry]
     created_at: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # what the run ran with (kit version, packages, seed, device, code): see check_provenance
+    provenance: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "run_id": self.run_id,
-                "created_at": self.created_at,
-                "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
-                "extra": self.extra,
-            },
-            indent=2,
-            sort_keys=True,
-        )
+        doc: dict[str, Any] = {
+            "run_id": self.run_id,
+            "created_at": self.created_at,
+            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+            "extra": self.extra,
+        }
+        if self.provenance is not None:
+            doc["provenance"] = self.provenance
+        return json.dumps(doc, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
@@ -133,13 +134,42 @@ class Manifest:
             files = {k: FileEntry(sha256=v["sha256"], size=int(v["size"])) for k, v in d["files"].items()}
             if not isinstance(d.get("extra", {}), dict):
                 raise TypeError("'extra' is not a mapping")
-            return cls(run_id=d["run_id"], files=files, created_at=d["created_at"], extra=d.get("extra", {}))
+            provenance = d.get("provenance")
+            if provenance is not None:
+                check_provenance(provenance, files)
+            return cls(run_id=d["run_id"], files=files, created_at=d["created_at"], extra=d.get("extra", {}),
+                       provenance=provenance)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise TamperedRunError(f"{where}/{MANIFEST} is not a valid manifest ({err})") from None
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
+
+
+# provenance: field -> the types it may hold; "<field>_sha256" fields name the file they hash
+PROVENANCE_FIELDS: dict[str, tuple[type, ...]] = {
+    "kit_version": (str,), "python": (str,), "platform": (str,), "seed": (int,), "device": (str,),
+    "torch_threads": (int, type(None)), "deterministic": (bool,), "packages_sha256": (str,),
+    "code_sha256": (str, type(None)), "reproduces": (str, type(None)),
+}
+PROVENANCE_FILES = {"packages_sha256": "environment.txt", "code_sha256": "code.zip"}
+
+
+def check_provenance(provenance: Any, files: dict[str, FileEntry]) -> None:
+    """Raise ValueError unless ``provenance`` has every field with its type, and each hash it names
+    is the manifest's hash of that file (so the packages list and the code archive are the ones the
+    manifest's integrity check covers)."""
+    if not isinstance(provenance, dict):
+        raise ValueError("'provenance' is not a mapping")
+    for key, types in PROVENANCE_FIELDS.items():
+        value = provenance.get(key, ...)
+        if value is ... or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"provenance.{key} is missing or not a {'/'.join(t.__name__ for t in types)}")
+    for key, rel in PROVENANCE_FILES.items():
+        value = provenance[key]
+        if value is not None and (rel not in files or files[rel].sha256 != value):
+            raise ValueError(f"provenance.{key} is not the sha256 of the run's {rel}")
 
 
 class ArtifactStore:
@@ -304,13 +334,19 @@ class RunArtifacts:
         path = self.path(rel)
         self.store.retry(f"delete {rel}", lambda: self.store.fs.rm(path) if self.store.fs.exists(path) else None)
 
-    def commit(self, extra: dict[str, Any] | None = None) -> Manifest:
+    def commit(self, extra: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Manifest:
         """Hash every file of the run and write manifest.json last (the commit point)."""
         files: dict[str, FileEntry] = {}
         for rel in self.list_files(include_manifest=False):
             data = self._read_raw(rel)
             files[rel] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-        manifest = Manifest(run_id=self.run_id, files=files, created_at=_now(), extra=dict(extra or {}))
+        if provenance is not None:
+            try:
+                check_provenance(provenance, files)
+            except ValueError as err:
+                raise ArtifactError(f"run {self.run_id}: not committed: {err}") from None
+        manifest = Manifest(run_id=self.run_id, files=files, created_at=_now(), extra=dict(extra or {}),
+                            provenance=provenance)
         self._put(MANIFEST, manifest.to_json().encode())
         self._manifest = manifest
         return manifest

@@ -63,6 +63,7 @@ class RunEnvelope(BaseModel):
     serve_token_sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="deploy: sha256 of the deployment's own bearer token"
     )
+    reproduces: str | None = Field(default=None, description="train: id of the run this one re-runs (same spec)")
 
     def to_env(self) -> dict[str, str]:
         return {ENV_VAR: self.model_dump_json()}

@@ -167,7 +167,10 @@ class JobsClient:
 
     def upload_working_dir(self, path: str) -> str:
         """Zip a local directory and upload it to the cluster's GCS; return its gcs:// URI."""
-        data = zip_dir(Path(path))
+        return self.upload_package(zip_dir(Path(path)))
+
+    def upload_package(self, data: bytes) -> str:
+        """Upload a zip archive as a working_dir package (once per content); return its gcs:// URI."""
         name = f"_ray_pkg_{hashlib.sha256(data).hexdigest()[:32]}.zip"
         status, _ = self._request("GET", f"/api/packages/gcs/{name}", ok404=True)
         if status == 404:

@@ -277,12 +277,62 @@ class Run:
 def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
     """Validate, ship and start a run on ``target`` (default: local). Returns at once."""
     from rlfleet import preflight
-    from rlfleet.envelope import RunEnvelope
 
     if not isinstance(spec, RunSpec):
         raise RlfleetError(f"submit_run() takes a RunSpec, not {type(spec).__name__}")
     packages = preflight.check_spec(spec)  # facts about this machine, checked here and never on the cluster
-    tgt = registry.ready(get_target(target))  # the local head starts here
+    return _submit(spec, registry.ready(get_target(target)), packages)  # the local head starts here
+
+
+def reproduce_run(run_id: str, target: str | Target | None = None) -> Run:
+    """Re-run the finished train run ``run_id`` with its stored spec (same seed); a run that
+    shipped ``code:`` gets the code archive stored with it (code.zip), not the directory as it
+    is now on this machine. The new run records ``reproduces: <run_id>`` in its manifest."""
+    import tempfile
+    import zipfile
+    from io import BytesIO
+
+    from rlfleet import preflight
+
+    tgt = get_target(target)
+    try:
+        stored = read_stored_run(tgt.store(), run_id)
+    except ArtifactError as err:
+        raise ArtifactError(f"--reproduce: {err}") from None
+    if not stored.exists:
+        raise IncompleteRunError(f"--reproduce: no run {run_id!r} under {tgt.reader_artifact_root}/runs "
+                                 "(check the id with 'rlfleet runs --stored')")
+    if not stored.complete:
+        why = f"damaged ({stored.problem})" if stored.state == DAMAGED else "incomplete (no manifest.json)"
+        raise IncompleteRunError(f"--reproduce: run {run_id} is {why}; only a finished train run can be reproduced")
+    try:
+        spec = stored.run_spec()
+    except ArtifactError as err:
+        raise ArtifactError(f"--reproduce: {err}") from None
+    if spec.kind is not Kind.TRAIN:
+        raise RlfleetError(f"--reproduce: run {run_id} is not a train run (kind {spec.kind.value}); "
+                           "only train runs can be reproduced")
+    archive = None
+    if spec.code is not None:
+        if "code.zip" not in stored.manifest.files:  # type: ignore[union-attr]
+            raise ArtifactError(f"--reproduce: run {run_id} shipped code: but stored no code.zip (a run from "
+                                "before provenance); re-run it with 'rlfleet run train --spec' instead")
+        archive = stored.arts.read_bytes("code.zip")  # checked against the manifest
+    with tempfile.TemporaryDirectory(prefix="rlfleet-reproduce-") as tmp:
+        checked = spec
+        if archive is not None:  # the stored code answers the spec's questions about code: (requirements)
+            with zipfile.ZipFile(BytesIO(archive)) as zf:
+                zf.extractall(tmp)  # our own archive, checked against the run's manifest
+            checked = spec.with_changes(code=tmp)
+        packages = preflight.check_spec(checked)
+    return _submit(spec, registry.ready(tgt), packages, reproduces=run_id, code_archive=archive)
+
+
+def _submit(spec: RunSpec, tgt: Target, packages: list[str] | None, *, reproduces: str | None = None,
+            code_archive: bytes | None = None) -> Run:
+    from rlfleet import preflight
+    from rlfleet.envelope import RunEnvelope
+
     client = _client(tgt)
     env_from_source = False
     if spec.source:
@@ -311,10 +361,13 @@ def submit_run(spec: RunSpec, target: str | Target | None = None) -> Run:
         env_from_source=env_from_source,
         serve_ports=tgt.serve_ports,
         serve_token_sha256=serve_token_sha256,
+        reproduces=reproduces,
     )
     env_vars = {**tgt.env_vars, **envelope.to_env(), "PYTHONUNBUFFERED": "1"}
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
-    if spec.code:
+    if code_archive is not None:
+        runtime_env["working_dir"] = client.upload_package(code_archive)
+    elif spec.code:
         runtime_env["working_dir"] = client.upload_working_dir(spec.code)
     if packages:  # installed on each node by rlfleet_agents.requirements_env (registered with Ray)
         runtime_env[preflight.REQUIREMENTS_PLUGIN] = {"packages": packages}

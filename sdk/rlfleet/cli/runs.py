@@ -45,6 +45,8 @@ def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 @click.option("--name", help="Run label (lowercase, digits, '-').")
 @click.option("--from", "source", metavar="RUN_ID", help="eval/deploy: the run to use.")
 @click.option("--resume", "resume_from", metavar="RUN_ID", help="train: continue from this run's latest checkpoint.")
+@click.option("--reproduce", metavar="RUN_ID",
+              help="train: re-run this finished train run with its stored spec, seed and code (no other spec options).")
 @click.option("--code", type=click.Path(), help="Local project directory shipped with the run.")
 @click.option(
     "--requirement", "requirement", multiple=True, metavar="REQ",
@@ -80,11 +82,23 @@ def run_cmd(
     gpus: float | None,
     do_wait: bool,
     as_json: bool,
+    reproduce: str | None = None,
 ) -> None:
     """Submit a KIND (train | eval | deploy) run."""
-    from rlfleet.runs import submit_run
+    from rlfleet.runs import reproduce_run, submit_run
     from rlfleet.spec import RunSpec
 
+    if reproduce is not None:
+        if kind != "train":
+            raise SpecError(f"--reproduce re-runs a train run; use 'rlfleet run train --reproduce {reproduce}'")
+        ctx = click.get_current_context()
+        given = sorted(f"--{p.replace('_', '-')}" for p, v in ctx.params.items()
+                       if p not in ("kind", "target", "do_wait", "as_json", "reproduce") and v not in (None, ()))
+        if given:
+            raise SpecError(f"--reproduce re-runs the stored spec as it is; drop {', '.join(given)} "
+                            "(or submit a changed spec with --spec)")
+        _submitted(reproduce_run(reproduce, target=target), do_wait, as_json, note=f" (reproduces {reproduce})")
+        return
     data: dict[str, Any] = {}
     if spec_file:
         data = RunSpec.from_file(spec_file).model_dump(mode="json", exclude_defaults=True)
@@ -118,13 +132,17 @@ def run_cmd(
     ):
         if val is not None:
             data[key] = {**data.get(key, {}), sub: val}
-    spec = RunSpec.from_dict(data)
-    run = submit_run(spec, target=target)
+    _submitted(submit_run(RunSpec.from_dict(data), target=target), do_wait, as_json)
+
+
+def _submitted(run: Any, do_wait: bool, as_json: bool, note: str = "") -> None:
+    """Say what was submitted, or wait for it (exit non-zero if it failed)."""
+    spec = run.spec
     if not do_wait:
         if as_json:
             print_json(run.info())
         else:
-            click.echo(f"submitted {spec.kind.value} run {run.run_id} to {run.target.name}")
+            click.echo(f"submitted {spec.kind.value} run {run.run_id} to {run.target.name}{note}")
             click.echo(f"  follow it: rlfleet logs {run.run_id} -f --target {run.target.name}")
         return
     status = _wait_with_progress(run, quiet=as_json)
