@@ -121,7 +121,7 @@ class OipModel:
             where = f"inputs[{i}] ({name!r})"
             arr, size = _tensor(t, spec, where, tail, offset, self.max_batch)
             offset += size
-            feeds[name] = arr
+            feeds[spec.name] = arr
         missing = [n for n in self._in if n not in feeds]
         if missing:
             raise V2Error(400, f"'inputs' lacks {missing[0]!r}; model {self.name!r} needs {sorted(self._in)}")

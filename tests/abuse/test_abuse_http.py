@@ -287,3 +287,57 @@ def test_generated_body_never_5xx(server: Server, body: object) -> None:
     doc = check(r, {200, 422})
     if r.status_code == 200:
         assert all(a in (0, 1) for a in doc["actions"])
+
+
+# -- the Open Inference Protocol (KServe v2) routes ------------------------------------------------
+
+V2_INFER = f"/v2/models/{NAME}/infer"
+_v2_tensor = st.fixed_dictionaries(
+    {"name": st.sampled_from(["obs", "x", None, 1]),
+     "shape": st.one_of(st.lists(st.integers(min_value=-2, max_value=5), max_size=3), st.none(), st.text(max_size=2)),
+     "datatype": st.sampled_from(["FP32", "FP64", "INT64", "BYTES", None]),
+     "data": _obs},
+    optional={"parameters": st.one_of(st.none(), st.text(max_size=2),
+                                      st.dictionaries(st.sampled_from(["binary_data_size", "x"]), _num, max_size=1))},
+)
+_v2_output = st.one_of(_num, st.fixed_dictionaries(
+    {"name": st.sampled_from(["action", "raw", "q", None])},
+    optional={"parameters": st.one_of(_num, st.dictionaries(st.sampled_from(["binary_data", "classification"]),
+                                                              _num, max_size=1))}))
+
+
+@fuzz(80)
+@given(st.one_of(
+    st.fixed_dictionaries({"inputs": st.one_of(st.lists(_v2_tensor, max_size=3), _num)},
+                          optional={"outputs": st.one_of(st.lists(_v2_output, max_size=3), _num), "id": _num,
+                                    "parameters": st.one_of(_num, st.just({"binary_data_output": False}))}),
+    st.tuples(st.binary(max_size=64), st.integers(min_value=-5, max_value=80)),
+))
+def test_v2_generated_infer_never_5xx(server: Server, body: object) -> None:
+    """Generated protocol requests (JSON, and raw bytes with an Inference-Header-Content-Length):
+    a 200 with CartPole actions or a 400 whose one-line JSON error names the problem, never a 5xx."""
+    if isinstance(body, tuple):
+        r = server.client.post(V2_INFER, content=body[0],
+                               headers={**AUTH, "Inference-Header-Content-Length": str(body[1])})
+    else:
+        r = server.client.post(V2_INFER, content=json.dumps(body).encode(), headers=AUTH)
+    doc = check(r, {200, 400})
+    if r.status_code == 200:
+        for out in doc["outputs"]:
+            if out["name"] == "action":
+                assert out["datatype"] == "INT64" and all(a in (0, 1) for a in out["data"])
+
+
+V2_PATHS: list[tuple[str, str, int]] = [
+    ("GET", V2_INFER, 405), ("PUT", f"/v2/models/{NAME}", 405), ("POST", f"/v2/models/{NAME}/ready", 405),
+    ("POST", "/v2", 405), ("GET", "/v2/models", 404), ("GET", f"/v2/models/{NAME}/config", 404),
+    ("GET", f"/v2/models/{NAME}/versions/1/ready", 404), ("GET", "/v2/models/other", 404),
+    ("GET", f"/v2/models/{NAME}//infer", 404), ("GET", "/v2/repository/index", 404), ("GET", "/v2/" + "a" * 4000, 404),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), V2_PATHS, ids=[f"{m} {p[:40]}" for m, p, _ in V2_PATHS])
+def test_v2_unknown_paths_and_methods(server: Server, method: str, path: str, status: int) -> None:
+    check(server.client.request(method, path, content=b"{}", headers=AUTH), {status})
+    doc = check(server.client.request(method, path, content=b"{}"), {401})  # the token first: no name leaks
+    assert NAME not in doc["error"]

@@ -172,7 +172,7 @@ def test_v2_bad_input_through_tritonclient(endpoint: dict) -> None:
     th, client = triton(endpoint)
     name = endpoint["policy"]
     obs = np.zeros((3, 4), dtype=np.float32)
-    cases = [
+    cases: list[tuple[dict, str, str]] = [
         (dict(obs=np.zeros((3, 5), np.float32)), "400",
          "inputs[0] ('obs').shape [3, 5] does not match the model's [-1, 4] (-1: any size)"),
         (dict(obs=obs.astype(np.float64), datatype="FP64"), "400",
