@@ -275,3 +275,43 @@ def test_v2_routes_methods_and_nested_data(endpoint: dict) -> None:
     assert flat["id"] == "req-7" and [o["name"] for o in flat["outputs"]] == ["action"]
     assert flat["outputs"][0] == {"name": "action", "datatype": "INT64", "shape": [2], "data": act}
     assert nested["outputs"][0]["data"] == act and nested["outputs"][1]["shape"] == [2, 2]
+
+
+def test_v2_continuous_policy_tensors() -> None:
+    """A continuous-action graph (Pendulum-like: obs [batch, 3] -> FP32 action [batch, 1], clipped):
+    metadata and outputs follow the graph, in JSON and as binary tensor data."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rlfleet_agents.oip import OipModel
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["obs", "W"], ["raw"]), helper.make_node("Clip", ["raw", "lo", "hi"], ["action"])],
+        "policy",
+        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("action", TensorProto.FLOAT, ["batch", 1]),
+         helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(np.array([[1.5], [-3.0], [0.5]], np.float32), "W"),
+         numpy_helper.from_array(np.array(-2.0, np.float32), "lo"),
+         numpy_helper.from_array(np.array(2.0, np.float32), "hi")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    oip = OipModel(sess, "pendulum")
+    assert oip.metadata()["outputs"] == [{"name": "action", "datatype": "FP32", "shape": [-1, 1]},
+                                         {"name": "raw", "datatype": "FP32", "shape": [-1, 1]}]
+    obs = np.array([[1, 0, 0], [0, 1, 0], [0.2, 0.1, -0.4]], np.float32)
+    want = sess.run(["action"], {"obs": obs})[0]
+    assert want.min() == -2.0 and want.max() == 1.5  # one clipped, one not
+    req = {"inputs": [{"name": "obs", "shape": [3, 3], "datatype": "FP32", "data": obs.ravel().tolist()}],
+           "outputs": [{"name": "action"}, {"name": "raw", "parameters": {"binary_data": True}}]}
+    out = oip.infer(json.dumps(req).encode(), None)
+    assert out.header_length is not None
+    head = json.loads(out.body[:out.header_length])
+    assert head["outputs"][0] == {"name": "action", "datatype": "FP32", "shape": [3, 1],
+                                  "data": want.ravel().tolist()}
+    assert head["outputs"][1]["parameters"] == {"binary_data_size": 12}
+    raw = np.frombuffer(out.body[out.header_length:], "<f4").reshape(3, 1)
+    np.testing.assert_array_equal(raw, sess.run(["raw"], {"obs": obs})[0])
+    onnx.checker.check_model(model)
