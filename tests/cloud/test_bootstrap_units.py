@@ -39,3 +39,16 @@ def test_job_entrypoint_python_is_the_kits_venv(cloud: str, role: str, tmp_path:
     found = shutil.which(ENTRYPOINT.split()[0], path=chrooted)
     assert found == str(tmp_path / "opt/rlfleet/venv/bin/python")
     assert re.search(r"^ExecStart=/opt/rlfleet/venv/bin/ray start ", unit, re.M)
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp"])
+@pytest.mark.parametrize("role", ["head", "worker"])
+def test_ray_usage_stats_are_off(cloud: str, role: str) -> None:
+    """Ray reports usage stats to its vendor by default, after probing the cloud metadata servers
+    (seen on the gcp-node conformance hosts: Ray's Azure probe hit the GCE metadata server). The
+    local target and the on-prem unit turn it off; so does the cloud nodes' Ray environment."""
+    script = _script(cloud, role)
+    m = re.search(r"^cat >/etc/rlfleet/ray\.env <<ENV\n(.*?)^ENV$", script, re.M | re.S)
+    assert m, "no /etc/rlfleet/ray.env in the rendered bootstrap"
+    assert "RAY_USAGE_STATS_ENABLED=0" in m.group(1).splitlines()
+    assert "EnvironmentFile=/etc/rlfleet/ray.env" in _ray_unit(cloud, role)

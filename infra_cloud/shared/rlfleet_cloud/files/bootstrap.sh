@@ -211,6 +211,7 @@ RAY_AUTH_TOKEN_PATH=/etc/rlfleet/ray_token
 RLFLEET_TARGET=${STACK}
 RAY_RUNTIME_ENV_PLUGINS='[{"class": "rlfleet_agents.requirements_env.RequirementsPlugin"}]'
 RLFLEET_REQUIREMENTS_CACHE=/var/lib/rlfleet/requirements
+RAY_USAGE_STATS_ENABLED=0
 ENV
 chmod 0640 /etc/rlfleet/ray.env
 chgrp rlfleet /etc/rlfleet/ray.env
