@@ -147,7 +147,7 @@ def conformance_aws_node(aws_node_cluster, tmp_path_factory, request) -> Iterato
 
 
 @pytest.fixture(scope="session")
-def gcp_node_cluster():
+def gcp_node_cluster(request):
     from onprem.session import _preconditions
 
     from .gcpnode import start_cluster
@@ -156,7 +156,8 @@ def gcp_node_cluster():
     workdir = Path(tempfile.mkdtemp(prefix="rlfleet-gcpnode-"))
     try:
         cluster = start_cluster(workdir, workers=1)  # stops what it started when it fails
-        print(f"\n[gcp-node] timings (s): {cluster.timings}")
+        say(request, "\n[gcp-node] cluster timings (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in cluster.timings.items()))
         yield cluster
         cluster.stop()
     finally:
@@ -164,9 +165,7 @@ def gcp_node_cluster():
 
 
 @pytest.fixture(scope="session")
-def conformance_gcp_node(gcp_node_cluster, tmp_path_factory) -> Iterator[ConformanceTarget]:
-    import time
-
+def conformance_gcp_node(gcp_node_cluster, tmp_path_factory, request) -> Iterator[ConformanceTarget]:
     from rlfleet.provisioners.pulumi_stack import target_from_outputs
     from rlfleet.targets import save_target
 
@@ -188,7 +187,7 @@ def conformance_gcp_node(gcp_node_cluster, tmp_path_factory) -> Iterator[Conform
     save_target(target)
     wait_jobs_api(target, timeout=900)
     scraper = OpsAgentScraper(cl).start()
-    print(f"\n[gcp-node] target ready in {time.monotonic() - t0:.0f} s")
+    say(request, f"[gcp-node] target ready (CA fetched, Jobs API answering) in {time.monotonic() - t0:.0f} s")
     try:
         ct = GcpNodeConformance(key="gcp-node", target=target, own_store=target.artifact_root,
                                 storage_options=storage, timeout=600, cache={"tmp": str(tmp)})

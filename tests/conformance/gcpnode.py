@@ -18,8 +18,8 @@ own /24 of the cloud LAN (cloudnode.py):
 The subnet comes from the stack config (``subnet_cidr`` 10.43.1.0/24; the mocks give the head the
 subnet's .2), so an aws-node cluster (10.42.1.0/24) and a gcp-node cluster share the LAN.
 
-What stands for the Deep Learning VM image (minbase Debian lacks it): python3-venv (an overlay
-tarball cached in CACHE_DIR after the first run), the Google Cloud CLI (this machine's
+What stands for the Deep Learning VM image (minbase Debian lacks it): python3-venv (the machine
+image cloudnode.ensure_image builds once and caches in CACHE_DIR), the Google Cloud CLI (this machine's
 /usr/lib/google-cloud-sdk, bind-mounted read-only), ``metadata.google.internal`` in /etc/hosts,
 apt and pip through the host's test proxy, and in the systemd default environment gcloud's
 properties naming the local endpoints (``CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE`` /
@@ -52,13 +52,15 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from onprem.throwaway import CACHE_DIR, _run
 
-from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, wait_tcp
-from .targets import ConformanceTarget, wait_jobs_api
+from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
+from .targets import ConformanceTarget, prometheus_monitored, wait_jobs_api
+
+if TYPE_CHECKING:
+    from rlfleet.kit import Kit
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
@@ -68,8 +70,7 @@ REGION = "us-central1"
 STACK_CONFIG = {"rlfleet-gcp:admin_cidrs": '["203.0.113.0/24"]', "rlfleet-gcp:network_cidr": "10.43.0.0/16",
                 "rlfleet-gcp:subnet_cidr": f"{SUBNET}.0/24"}
 GCLOUD_SDK = Path("/usr/lib/google-cloud-sdk")
-# python3-venv over the minbase root: what the first run installed, cached for the next ones
-IMAGE_OVERLAY = CACHE_DIR / "gcp-node-image-v1.tar.zst"
+IMAGE_APT = ("python3-venv",)  # what the image has and minbase lacks (besides gcloud, bind-mounted)
 PY = sys.executable
 
 
@@ -104,8 +105,10 @@ class Rendered:
         return [i for i in self.instances if i.role == "worker"]
 
 
-def render_stack(worker_count: int = 1) -> Rendered:
-    """Run the GCP program under tests/cloud's Pulumi mocks; return what it renders."""
+def render_stack(kit: Kit, worker_count: int = 1) -> Rendered:
+    """Run the GCP program under tests/cloud's Pulumi mocks; return what it renders. The program
+    ships ``kit`` (what it builds itself from the checkout at 'pulumi up': given here, so the
+    objects the test uploads are the ones the script names even if the working tree changes)."""
     from cloud.conftest import GCP_PROJECT, GCP_PROJECT_NUMBER, build  # sets the process's mocks (once)
 
     def program() -> dict:
@@ -113,7 +116,7 @@ def render_stack(worker_count: int = 1) -> Rendered:
         from rlfleet_gcp.config import load_settings
 
         s = load_settings()
-        return RayGpuCluster(f"rlfleet-{s.stack}", s, region=REGION).outputs
+        return RayGpuCluster(f"rlfleet-{s.stack}", s, region=REGION, kit=kit).outputs
 
     built = build(program, {**STACK_CONFIG, "rlfleet-gcp:worker_count": str(worker_count)})
     insts = []
@@ -303,9 +306,9 @@ class GcpNodeHost(CloudHost):
 
     binds_ro = (str(GCLOUD_SDK),)
 
-    def __init__(self, workdir: Path, *, lan: CloudLan, ip: str, storage_endpoint: str,
+    def __init__(self, workdir: Path, *, lan: CloudLan, ip: str, image: Path, storage_endpoint: str,
                  secretmanager_endpoint: str, extra_ips: tuple[str, ...] = ()) -> None:
-        super().__init__(workdir, lan=lan, ip=ip, extra_ips=extra_ips, default_env={
+        super().__init__(workdir, lan=lan, ip=ip, extra_ips=extra_ips, image=image, default_env={
             # the runs' gcsfs (and google-cloud-storage) reach the emulator
             "STORAGE_EMULATOR_HOST": storage_endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             # gcloud's own properties, as environment (the SDK is mounted read-only): the local
@@ -314,55 +317,25 @@ class GcpNodeHost(CloudHost):
             "CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER": secretmanager_endpoint,
             "CLOUDSDK_STORAGE_RESUMABLE_THRESHOLD": "0", "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "1",
             "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "1"})
-        self.overlay_applied = False
 
     def _prepare_root(self) -> None:
         super()._prepare_root()
         with (self.root / "etc/hosts").open("a") as f:  # as on every GCE image
             f.write("169.254.169.254 metadata.google.internal metadata\n")
-        if IMAGE_OVERLAY.exists():
-            _run("tar", "-C", str(self.root), "--numeric-owner", "-I", "zstd -T2", "-xf", str(IMAGE_OVERLAY),
-                 timeout=300)
-            self.overlay_applied = True
         # the Google Cloud CLI: this machine's installation, bind-mounted read-only (binds_ro)
         (self.root / "usr/bin/gcloud").symlink_to("../lib/google-cloud-sdk/bin/gcloud")
 
     def write_image_config(self) -> None:
         self.write_pip_conf()
-        self.path("/etc/apt/apt.conf.d/90proxy").write_text(
-            f'Acquire::http::Proxy "{self.proxy_url}";\nAcquire::https::Proxy "{self.proxy_url}";\n')
+        self.write_apt_conf()  # the bootstrap installs nginx on the head
 
-    def install_image_packages(self) -> None:
-        if self.overlay_applied:
-            return
-        marker = self.workdir / "image.marker"
-        marker.touch()
-        time.sleep(1.1)  # ctime granularity: everything apt writes is newer
-        self.apt_install("python3-venv")
-        _save_overlay(self.root, marker)
+def image_inputs() -> dict[str, Any]:
+    """What the gcp-node machine image is made of (its cache key in cloudnode.ensure_image)."""
+    return {"v": 1, "apt": IMAGE_APT}
 
 
-def _save_overlay(root: Path, marker: Path) -> None:
-    """Cache what apt added over the minbase root (files changed after marker) as IMAGE_OVERLAY."""
-    if IMAGE_OVERLAY.exists():
-        return
-    skip = ("./proc", "./sys", "./dev", "./run", "./tmp", "./var/log", "./var/cache", "./var/lib/apt/lists",
-            "./etc/apt/apt.conf.d/90proxy", "./etc/pip.conf", "./usr/lib/google-cloud-sdk", "./usr/bin/gcloud",
-            "./etc/hosts", "./etc/hostname", "./etc/machine-id", "./etc/systemd/system.conf.d", "./opt/wheels",
-            "./root", "./var/lib/systemd")
-    r = _run("find", ".", "-xdev", "-cnewer", str(marker), "-not", "-type", "d", cwd=str(root), timeout=120)
-    files = [p for p in r.stdout.splitlines() if not p.startswith(skip)]
-    IMAGE_OVERLAY.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=IMAGE_OVERLAY.parent, delete=False) as lst:
-        lst.write("\n".join(files) + "\n")
-    tmp = IMAGE_OVERLAY.with_suffix(f".tmp{os.getpid()}")
-    try:
-        _run("tar", "-C", str(root), "--numeric-owner", "-I", "zstd -T2 -3", "-cf", str(tmp), "-T", lst.name,
-             timeout=300)
-        tmp.replace(IMAGE_OVERLAY)
-    finally:
-        os.unlink(lst.name)
-        tmp.unlink(missing_ok=True)
+def build_image(host: CloudHost) -> None:
+    host.apt_install(*IMAGE_APT)
 
 
 # The GCE guest agent's part: google-startup-scripts.service runs google_metadata_script_runner,
@@ -414,9 +387,6 @@ class GcpNodeCluster:
 
 def _provision(cl: GcpNodeCluster, h: GcpNodeHost) -> None:
     t0 = time.monotonic()
-    h.install_image_packages()
-    cl.timings[f"{h.ip} image"] = round(time.monotonic() - t0, 1)
-    t0 = time.monotonic()
     r = h.run_as_cloud_final(GUEST_AGENT, unit="google-startup-scripts")
     cl.timings[f"{h.ip} startup-script"] = round(time.monotonic() - t0, 1)
     if r.returncode != 0:
@@ -432,25 +402,31 @@ def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> GcpNodeClust
         raise RuntimeError(f"the gcp-node image copies the Google Cloud CLI from {GCLOUD_SDK}; install "
                            "google-cloud-cli on this machine (apt) first")
     t_all = time.monotonic()
-    rendered = render_stack(worker_count=workers)
+    kit = build_kit(REPO)
+    rendered = render_stack(kit, worker_count=workers)
     from rlfleet_cloud.kit import kit_keys  # on sys.path once tests/cloud's harness is imported
 
-    kit = build_kit(REPO)
     timings = {"render": round(time.monotonic() - t_all, 1)}
-    lan = CloudLan.acquire()  # waits for another session's cloud LAN on this machine
+    head_ip = rendered.head.network_ip
+    assert head_ip.startswith(SUBNET + "."), f"the mocks gave the head {head_ip}, outside {SUBNET}.0/24"
+    lan = CloudLan.acquire()
+    cloud = Cloud(workdir, lan, rendered)  # adds the subnet: waits while another session uses it
     try:
-        cloud = Cloud(workdir, lan, rendered)
-        head_ip = rendered.head.network_ip
-        assert head_ip.startswith(SUBNET + "."), f"the mocks gave the head {head_ip}, outside {SUBNET}.0/24"
+        t0 = time.monotonic()
+        timings["subnet wait"] = round(t0 - t_all - timings["render"], 1)
+        image, built = ensure_image("gcp-node", image_inputs(), build_image, lan=lan, ip=f"{SUBNET}.9",
+                                    workdir=workdir, log=log)
+        timings["image (built)" if built else "image (cached)"] = round(time.monotonic() - t0, 1)
         token = secrets.token_urlsafe(32)
         cloud.start(token, f"projects/{rendered.project}/secrets/{rendered.secret_id}")
         assert cloud.secret_manager is not None
-        endpoints = {"storage_endpoint": cloud.storage_endpoint,
-                     "secretmanager_endpoint": cloud.secret_manager.endpoint}
-        head = GcpNodeHost(workdir / "head", lan=lan, ip=head_ip, extra_ips=(rendered.head.nat_ip,), **endpoints)
-        wk = [GcpNodeHost(workdir / f"worker{i}", lan=lan, ip=f"{SUBNET}.{3 + i}", **endpoints)
-              for i in range(workers)]
+        node = {"image": image, "storage_endpoint": cloud.storage_endpoint,
+                "secretmanager_endpoint": cloud.secret_manager.endpoint}
+        head = GcpNodeHost(workdir / "head", lan=lan, ip=head_ip, extra_ips=(rendered.head.nat_ip,), **node)
+        wk = [GcpNodeHost(workdir / f"worker{i}", lan=lan, ip=f"{SUBNET}.{3 + i}", **node) for i in range(workers)]
     except BaseException:
+        cloud.stop()
+        lan.drop_subnet(SUBNET)
         lan.release()
         raise
     cl = GcpNodeCluster(workdir, rendered, cloud, lan, head, wk, timings=timings, token=token)
@@ -539,18 +515,12 @@ class GcpNodeConformance(ConformanceTarget):
     monitoring: Any = None
 
     def monitored(self, run_id: str) -> dict[str, Any]:
-        got: dict[str, Any] = {}
-        deadline = time.monotonic() + 90
-        for name in ("episode_return", "env_steps_total"):
-            query = f'last_over_time(ray_rlfleet_{name}{{run_id="{run_id}"}}[15m])'
-            while not (result := self.monitoring.query(query)):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"the Ops Agent's Prometheus has no {query}")
-                time.sleep(3)
-            got[name] = max(float(r["value"][1]) for r in result)
-            got["labels"] = result[0]["metric"]
-        return {"episode_return": got["episode_return"], "env_steps": got["env_steps_total"],
-                "labels": got["labels"]}
+        return prometheus_monitored(self.monitoring.query, run_id, "the Ops Agent's Prometheus")
+
+    def release(self) -> None:
+        """The session moved on to the next target: the hosts go (idempotent)."""
+        self.monitoring.stop()
+        self.cluster.stop()
 
     @contextlib.contextmanager
     def head_down(self) -> Iterator[None]:

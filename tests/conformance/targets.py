@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,18 +129,7 @@ class OnpremConformance(ConformanceTarget):
 
     def monitored(self, run_id: str) -> dict[str, Any]:
         # the host's Prometheus (loopback on the monitoring host), asked from inside the host
-        got: dict[str, Any] = {}
-        deadline = time.monotonic() + 90
-        for name in ("episode_return", "env_steps_total"):
-            query = f'last_over_time(ray_rlfleet_{name}{{run_id="{run_id}"}}[15m])'
-            while not (result := self._prom(query)):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"Prometheus on the on-prem host has no {query}")
-                time.sleep(3)
-            got[name] = max(float(r["value"][1]) for r in result)
-            got["labels"] = result[0]["metric"]
-        return {"episode_return": got["episode_return"], "env_steps": got["env_steps_total"],
-                "labels": got["labels"]}
+        return prometheus_monitored(self._prom, run_id, "Prometheus on the on-prem host")
 
     @contextlib.contextmanager
     def head_down(self) -> Iterator[None]:
@@ -167,6 +156,22 @@ def wait_jobs_api(target: Target, timeout: float = 180) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def prometheus_monitored(query: Callable[[str], list[dict[str, Any]]], run_id: str, where: str,
+                         timeout: float = 90) -> dict[str, Any]:
+    """A run's episode return and env steps (and the labels) from a Prometheus query API."""
+    got: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    for name in ("episode_return", "env_steps_total"):
+        promql = f'last_over_time(ray_rlfleet_{name}{{run_id="{run_id}"}}[15m])'
+        while not (result := query(promql)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{where} has no {promql}")
+            time.sleep(3)
+        got[name] = max(float(r["value"][1]) for r in result)
+        got["labels"] = result[0]["metric"]
+    return {"episode_return": got["episode_return"], "env_steps": got["env_steps_total"], "labels": got["labels"]}
 
 
 def sha256(data: bytes) -> str:
