@@ -146,14 +146,19 @@ def run_train(ctx: RunContext, start: float) -> int:
         resumed_from = {"run_id": src.run_id, "step": algo.global_step}
         print(f"resuming from run {src.run_id} at step {algo.global_step}", flush=True)
     writer.set_start_step(algo.global_step)
+    tb = _tensorboard_log(ctx, algo)
     ckpt_meta = {"agent": spec.agent, "env": spec.env, "run_id": ctx.run_id}
 
     def on_checkpoint(a: Any) -> None:
         save_checkpoint(arts, a, ckpt_meta)
 
+    def on_row(row: dict[str, Any]) -> None:
+        writer.write(row)
+        tb.write(row)
+
     try:
         res = train(algo, total_steps=algo.total_steps, minutes=spec.budget.minutes, env_kwargs=spec.env_kwargs,
-                    on_row=writer.write, on_checkpoint=on_checkpoint, should_stop=lambda: ctx.stop_requested)
+                    on_row=on_row, on_checkpoint=on_checkpoint, should_stop=lambda: ctx.stop_requested)
         save_checkpoint(arts, algo, ckpt_meta)
         if res.stopped_by == "signal":
             writer.close()
@@ -179,6 +184,7 @@ def run_train(ctx: RunContext, start: float) -> int:
         final = evaluate(ort_policy.act, spec.env, algo.cfg.eval_episodes, seed=spec.seed + 99_991,
                          env_kwargs=spec.env_kwargs)
         writer.close()
+        tb.close(final["mean"], res.global_step)
         extra = {
             **_common_extra(ctx, start),
             "env_steps": res.global_step,
@@ -199,7 +205,24 @@ def run_train(ctx: RunContext, start: float) -> int:
         print(f"done: {res.global_step} steps in {res.wall_time_s:.1f} s, eval mean {final['mean']:.1f}", flush=True)
         return 0
     finally:
+        tb.discard()
         algo.close()
+
+
+def _tensorboard_log(ctx: RunContext, algo: Any) -> Any:
+    """The run's TensorBoard log, headed with its hyperparameters, kit version and hashes."""
+    from rlfleet_agents.tblog import TensorBoardLog
+
+    spec = ctx.spec
+    # the budget the run trains for (spec.budget.steps) over the config's default total_steps
+    hparams = {**config_to_dict(algo.cfg), "agent": spec.agent, "env": spec.env, "seed": spec.seed,
+               "total_steps": algo.total_steps}
+    sources = ctx.sources or {}
+    text = {"rlfleet/kit_version": ctx.envelope.kit_version, "rlfleet/run_id": ctx.run_id,
+            "rlfleet/code_sha256": str(sources.get("code_sha256") or "none (no code: directory)"),
+            "rlfleet/packages_sha256": str(sources.get("packages_sha256")),
+            "rlfleet/spec": "```\n" + spec.to_json() + "\n```"}
+    return TensorBoardLog(ctx.arts, hparams, text)  # type: ignore[arg-type]
 
 
 def _ray_metrics_state(writer: Any) -> dict[str, Any] | None:
