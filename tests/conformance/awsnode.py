@@ -284,7 +284,13 @@ def start_cluster(workdir: Path, *, workers: int = 1, log=print) -> AwsNodeClust
 
     t_all = time.monotonic()
     rendered = render_stack(worker_count=workers)
+    import rlfleet.envelope
+    import rlfleet.runs
     from rlfleet_cloud.kit import kit_keys  # on sys.path once tests/cloud's harness is imported
+
+    # the client's side of the run contract (rlfleet.envelope, .runs) is read above, with the same
+    # source the kit is built from below: the work tree may change while the cluster boots
+    assert rlfleet.envelope and rlfleet.runs
 
     t0 = time.monotonic()
     kit = build_kit(REPO)
