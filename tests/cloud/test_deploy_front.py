@@ -84,3 +84,24 @@ def test_workers_have_no_deploy_front(cloud: str, aws: Built, gcp: Built) -> Non
     worker_branch = script[script.index('  ray_args="--address='):script.index("cat >/etc/systemd/system/rlfleet-ray")]
     # no deploy-run resource and no front in the unit (the rendered units are checked on aws-node)
     assert so.RAY_RESOURCE_SERVE_FRONT not in worker_branch and 'serve_front_env=""' in worker_branch
+
+
+@pytest.mark.parametrize(("kind", "serve_ports", "run_kind", "placed"), [
+    ("aws", tuple(SERVE), "deploy", True),
+    ("gcp", tuple(SERVE), "deploy", True),
+    ("aws", tuple(SERVE), "train", False),  # training goes wherever Ray has room
+    ("aws", (), "deploy", False),  # a stack without the serve_ports output: no such resource on it
+    ("onprem", tuple(SERVE), "deploy", False),  # every on-prem node has its own front
+])
+def test_deploy_runs_on_cloud_targets_ask_for_the_heads_front(kind: str, serve_ports: tuple, run_kind: str,
+                                                             placed: bool) -> None:
+    """What submit_run passes to the Jobs API as entrypoint_resources (the aws-node conformance
+    target shows Ray then runs the deploy run on the head)."""
+    from rlfleet.runs import _placement
+    from rlfleet.spec import RunSpec
+    from rlfleet.targets import Target
+
+    t = Target(name="t", kind=kind, ray_address="https://198.51.100.7:8443", token_source="env:T",
+               artifact_root="s3://b/rlfleet", serve_ports=serve_ports)
+    spec = RunSpec(kind=run_kind, source="rl-20261130-000000-abcdef") if run_kind == "deploy" else RunSpec(kind="train")
+    assert _placement(t, spec) == ({so.RAY_RESOURCE_SERVE_FRONT: 1} if placed else None)
