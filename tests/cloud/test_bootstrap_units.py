@@ -44,8 +44,8 @@ def test_job_entrypoint_python_is_the_kits_venv(cloud: str, role: str, tmp_path:
 @pytest.mark.parametrize("cloud", ["aws", "gcp"])
 @pytest.mark.parametrize("role", ["head", "worker"])
 def test_ray_usage_stats_are_off(cloud: str, role: str) -> None:
-    """Ray reports usage stats to its vendor by default, after probing the cloud metadata servers
-    (seen on the gcp-node conformance hosts: Ray's Azure probe hit the GCE metadata server). The
+    """Ray reports usage stats to its vendor unless told not to (the cloud nodes' Ray did: noticed
+    on the gcp-node conformance hosts through its cloud probe reaching the metadata server). The
     local target and the on-prem unit turn it off; so does the cloud nodes' Ray environment."""
     script = _script(cloud, role)
     m = re.search(r"^cat >/etc/rlfleet/ray\.env <<ENV\n(.*?)^ENV$", script, re.M | re.S)
