@@ -9,7 +9,7 @@ Token sources (never the token itself in this file):
   ``file:/path/to/token``      a file readable only by its owner (mode 0600)
   ``env:VAR``                  an environment variable
   ``aws-secret:<arn or name>`` AWS Secrets Manager (needs rlfleet[aws] and AWS credentials)
-  ``gcp-secret:projects/<p>/secrets/<s>`` GCP Secret Manager (needs google-cloud-secret-manager)
+  ``gcp-secret:projects/<p>/secrets/<s>`` GCP Secret Manager (needs rlfleet[gcp] and GCP credentials)
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def resolve_token(source: str, *, target: str = "?") -> str:
         try:
             from google.cloud import secretmanager
         except ImportError:
-            raise AuthError("gcp-secret token sources need: pip install google-cloud-secret-manager") from None
+            raise AuthError("gcp-secret token sources need: pip install 'rlfleet[gcp]'") from None
         try:
             name = ref if "/versions/" in ref else f"{ref}/versions/latest"
             resp = secretmanager.SecretManagerServiceClient().access_secret_version(name=name)

@@ -11,8 +11,10 @@ import shlex
 
 import pulumi
 import pytest
+import tomllib
 
 from rlfleet.kit import build_kit
+from rlfleet_cloud.kit import KIT_EXTRAS
 from rlfleet_cloud.settings import StackConfigError, parse_settings
 
 from .conftest import AWS_BASE, GCP_BASE, ROOT, Built, aws_program, build, gcp_program
@@ -83,7 +85,7 @@ def _assert_pinned_file_install(script: str, uri_prefix: str, kit) -> None:
     ours = [r for r in reqs if re.match(r"rlfleet\b", r)]
     assert ours, f"the bootstrap installs no rlfleet at all: {reqs}"
     for req in ours:  # a direct reference: pip never looks the name up on an index
-        assert re.fullmatch(r"rlfleet\[[a-z,]+\] @ file:///\S+\.whl", req.replace("${kit}", "/x").replace(
+        assert re.fullmatch(r"rlfleet\[[a-z0-9,-]+\] @ file:///\S+\.whl", req.replace("${kit}", "/x").replace(
             "${KIT_WHEEL}", kit.wheel_name)), f"rlfleet installed by name: {req!r}"
     assert not any(r == "rlfleet" or (r.startswith(("rlfleet=", "rlfleet[")) and " @ " not in r) for r in reqs)
     assert "sha256sum" in script and "--index-url" not in script and "--extra-index-url" not in script
@@ -128,7 +130,40 @@ def test_bootstrap_installs_that_wheel_by_path_pinned_by_sha256(request, cloud: 
     assert len(scripts) == 3  # head + 2 workers
     for script in scripts:
         _assert_pinned_file_install(script, uri, kit)
-        assert _params(script)["KIT_EXTRAS"] == f"agents,{cloud}"
+        assert _params(script)["KIT_EXTRAS"] == KIT_EXTRAS[cloud]
+
+
+def _extra_requirements(extras: str) -> set[str]:
+    """The distribution names that pip installs for ``rlfleet[<extras>]``, following the
+    self-referencing extras (``rlfleet[s3]``) the way pip does."""
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names: set[str] = set()
+    todo = [e.strip() for e in extras.split(",")]
+    while todo:
+        for req in table[todo.pop()]:
+            m = re.match(r"([A-Za-z0-9_.-]+)(?:\[([^\]]*)\])?", req)
+            assert m, req
+            if m.group(1) == "rlfleet":
+                todo += [e.strip() for e in (m.group(2) or "").split(",") if e.strip()]
+            else:
+                names.add(m.group(1).lower())
+    return names
+
+
+@pytest.mark.parametrize(("cloud", "driver"), [("aws", "s3fs"), ("gcp", "gcsfs")])
+def test_nodes_install_the_store_driver_and_no_pulumi(cloud: str, driver: str) -> None:
+    """A node runs runs, not 'pulumi up': the extras it installs with the kit carry the artifact
+    store's driver and the agents, not the Pulumi SDK and providers (hundreds of MB per boot and
+    code a node never needs)."""
+    names = _extra_requirements(KIT_EXTRAS[cloud])
+    assert driver in names and "torch" in names
+    assert not {n for n in names if n.startswith("pulumi")}, sorted(names)
+
+
+def test_the_gcp_extra_reads_a_gcp_secret_token_source() -> None:
+    """'rlfleet target add gcp' names the token as gcp-secret:...; the extra a user installs for
+    GCP carries the client that reads it (it failed with an ImportError before)."""
+    assert "google-cloud-secret-manager" in _extra_requirements("gcp")
 
 
 def test_pip_requirement_scan_catches_an_install_by_name() -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from rlfleet.kit import KIT_OBJECT_PREFIX, Kit, build_kit
 
 CHECKOUT = Path(__file__).resolve().parents[3]  # <checkout>/infra_cloud/shared/rlfleet_cloud/kit.py
-# The extras a node installs with the kit on each cloud (the artifact store's fsspec backend).
-KIT_EXTRAS = {"aws": "agents,aws", "gcp": "agents,gcp"}
+# The extras a node installs with the kit on each cloud: the agents and the artifact store's fsspec
+# driver; not the cloud extras of the user's machine, which carry the Pulumi SDK and providers.
+KIT_EXTRAS = {"aws": "agents,s3", "gcp": "agents,gcs"}
 __all__ = ["CHECKOUT", "KIT_EXTRAS", "KIT_OBJECT_PREFIX", "KitRef", "checkout_kit", "kit_keys", "kit_ref"]
 
 
