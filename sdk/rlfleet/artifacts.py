@@ -53,6 +53,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# The environment the cloud drivers read when a filesystem first connects (endpoint, credentials,
+# emulator host). fsspec caches one instance per set of arguments, so without this a process whose
+# environment changes (rotated session credentials, another endpoint) kept using the old one.
+_DRIVER_ENV_PREFIXES = ("AWS_", "STORAGE_EMULATOR_HOST", "GOOGLE_", "CLOUDSDK_", "GCSFS_")
+_driver_env: tuple[tuple[str, str], ...] | None = None
+
+
+def _forget_filesystems_of_another_environment(fsspec: Any) -> None:
+    global _driver_env
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_DRIVER_ENV_PREFIXES)))
+    if env == _driver_env:
+        return
+    if _driver_env is not None:
+        for proto in ("s3", "s3a", "gs", "gcs"):
+            if proto in fsspec.registry:  # only drivers this process has loaded
+                fsspec.registry[proto].clear_instance_cache()
+    _driver_env = env
+
+
 def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
     """The fsspec filesystem of ``uri`` and the path on it, or :class:`ArtifactError` naming the
     missing driver or the unusable URI."""
@@ -62,6 +81,7 @@ def filesystem(uri: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     import fsspec
 
+    _forget_filesystems_of_another_environment(fsspec)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     except ImportError as err:

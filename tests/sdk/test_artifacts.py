@@ -305,3 +305,26 @@ def test_a_long_lived_reader_sees_new_metrics_segments(store: ArtifactStore) -> 
     writer.write_text(METRICS, '{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4}\n')
     writer.delete_dir("metrics")
     assert [r["step"] for r in reader.iter_metrics()] == [1, 2, 3, 4]
+
+
+def test_a_changed_cloud_environment_reaches_the_store(moto_reset: str, monkeypatch) -> None:
+    """fsspec caches one S3 filesystem per set of arguments, with the endpoint and credentials the
+    environment had when it was first used; a process whose AWS environment changes afterwards
+    (rotated session credentials, another endpoint) must get a filesystem that uses the new one."""
+    import boto3
+
+    from rlfleet.artifacts import filesystem
+
+    bucket = f"env-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    boto3.client("s3").put_object(Bucket=bucket, Key="rlfleet/x", Body=b"1")
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    fs, path = filesystem(f"s3://{bucket}/rlfleet", {})
+    with pytest.raises(Exception):  # any connection error: nothing listens there
+        fs.ls(path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_reset)
+    fs, path = filesystem(f"s3://{bucket}/rlfleet", {})
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(path)] == ["x"]
