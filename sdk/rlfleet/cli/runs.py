@@ -13,7 +13,14 @@ import click
 from rlfleet.agent_catalog import AGENTS
 from rlfleet.cli._common import console, json_option, print_json, table, target_option
 from rlfleet.errors import ArtifactError, RlfleetError, RunFailed, SpecError
-from rlfleet.runs import get_run
+
+
+def _get_run(run_id: str, target: str | None) -> Any:
+    """rlfleet.runs.get_run, imported when a command runs: it pulls pydantic and the provisioner
+    registry (~0.5 s), which `rlfleet run --help` does not need."""
+    from rlfleet.runs import get_run
+
+    return get_run(run_id, target)
 
 
 def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
@@ -300,7 +307,7 @@ def _show(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
 @_run_command("status")
 def status_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Show RUN_ID's status."""
-    info = get_run(run_id, target).info()
+    info = _get_run(run_id, target).info()
     _show(as_json, info, lambda: _print_run(info))
 
 
@@ -308,7 +315,7 @@ def status_cmd(run_id: str, target: str | None, as_json: bool) -> None:
               with_json=False)
 def logs_cmd(run_id: str, target: str | None, follow: bool) -> None:
     """Print RUN_ID's logs."""
-    run = get_run(run_id, target)
+    run = _get_run(run_id, target)
     if follow:
         for chunk in run.logs(follow=True):
             click.echo(chunk, nl=False)
@@ -319,7 +326,7 @@ def logs_cmd(run_id: str, target: str | None, follow: bool) -> None:
 @_run_command("wait", click.option("--timeout", type=float, help="Give up after this many seconds."))
 def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait for RUN_ID to end (deploy: to serve); exit non-zero if it failed."""
-    run = get_run(run_id, target)
+    run = _get_run(run_id, target)
     try:
         if as_json or timeout is not None:
             status = run.wait(timeout)
@@ -335,7 +342,7 @@ def wait_cmd(run_id: str, target: str | None, timeout: float | None, as_json: bo
 @_run_command("cancel")
 def cancel_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Cancel RUN_ID (and its deployment). A finished run is left as it is."""
-    run = get_run(run_id, target)
+    run = _get_run(run_id, target)
     stopped = run.cancel()
     status = run.status().value
     _show(as_json, {"run_id": run_id, "stopped": stopped, "status": status}, lambda: click.echo(
@@ -373,5 +380,5 @@ def artifacts_cmd(run_id: str, target: str | None, as_json: bool) -> None:
 @_run_command("endpoint")
 def endpoint_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Show the URL of deploy run RUN_ID (the token is not printed)."""
-    ep = get_run(run_id, target).endpoint()
+    ep = _get_run(run_id, target).endpoint()
     _show(as_json, {"url": ep.url, "act_url": ep.act_url}, lambda: click.echo(ep.act_url))
