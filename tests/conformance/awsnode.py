@@ -29,14 +29,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from onprem.throwaway import VENV_BIN
 
-from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
+from .cloudnode import CloudHost, CloudLan, CloudNodeCluster, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
 from .targets import ConformanceTarget, wait_jobs_api
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,37 +234,14 @@ class AwsNodeHost(CloudHost):
 
 # -- the cluster ------------------------------------------------------------------------------
 
-@dataclass
-class AwsNodeCluster:
-    workdir: Path
-    rendered: Rendered
-    cloud: Cloud
-    lan: CloudLan
+class AwsNodeCluster(CloudNodeCluster):
+    subnet = SUBNET
     head: AwsNodeHost
-    workers: list[AwsNodeHost] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    token: str = ""
-    stopped: bool = False
+    workers: list[AwsNodeHost]
 
     @property
-    def hosts(self) -> list[AwsNodeHost]:
-        return [self.head, *self.workers]
-
-    def bootstrap_log(self, host: AwsNodeHost) -> str:
-        p = host.path("/var/log/rlfleet-bootstrap.log")
-        return p.read_text() if p.exists() else ""
-
-    def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        for h in self.hosts:
-            with contextlib.suppress(Exception):
-                h.stop()
-        self.cloud.stop()
-        self.lan.drop_route(f"{self.rendered.head_public_ip}/32")
-        self.lan.drop_subnet(SUBNET)
-        self.lan.release()
+    def public_ip(self) -> str:
+        return str(self.rendered.head_public_ip)
 
 
 def _provision(cl: AwsNodeCluster, h: AwsNodeHost, user_data: str) -> None:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import yaml
 from onprem.throwaway import CACHE_DIR, TARBALL, ThrowawayHost, _run
@@ -412,3 +413,44 @@ def ensure_image(name: str, inputs: dict, build: Callable[[CloudHost], None], *,
             with contextlib.suppress(OSError):
                 old.unlink()
     return path, True
+
+
+@dataclass
+class CloudNodeCluster:
+    """A head (+ workers) of one cloud's throwaway hosts on the LAN, with that cloud's local API
+    servers; the per-cloud modules give ``subnet`` and ``public_ip`` (the head's static address)."""
+
+    workdir: Path
+    rendered: Any
+    cloud: Any
+    lan: CloudLan
+    head: CloudHost
+    workers: list = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    token: str = ""
+    stopped: bool = False
+    subnet: ClassVar[str] = ""
+
+    @property
+    def public_ip(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def hosts(self) -> list:
+        return [self.head, *self.workers]
+
+    def bootstrap_log(self, host: CloudHost) -> str:
+        p = host.path("/var/log/rlfleet-bootstrap.log")
+        return p.read_text() if p.exists() else ""
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        for h in self.hosts:
+            with contextlib.suppress(Exception):
+                h.stop()
+        self.cloud.stop()
+        self.lan.drop_route(f"{self.public_ip}/32")
+        self.lan.drop_subnet(self.subnet)
+        self.lan.release()

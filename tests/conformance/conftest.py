@@ -93,22 +93,27 @@ def say(request: pytest.FixtureRequest, line: str) -> None:
         print(line, flush=True)
 
 
-@pytest.fixture(scope="session")
-def aws_node_cluster(request):
+def _cloud_node_cluster(request, key: str, start_cluster):
+    """A cloud-node cluster (head + 1 worker) for the session, its timings printed, stopped at the end."""
     from onprem.session import _preconditions
 
-    from .awsnode import start_cluster
-
     _preconditions()
-    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-awsnode-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"rlfleet-{key.replace('-', '')}-"))
     try:
         cluster = start_cluster(workdir, workers=1)  # stops what it started when it fails
-        say(request, "\n[aws-node] cluster timings (s): "
+        say(request, f"\n[{key}] cluster timings (s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in cluster.timings.items()))
         yield cluster
         cluster.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def aws_node_cluster(request):
+    from .awsnode import start_cluster
+
+    yield from _cloud_node_cluster(request, "aws-node", start_cluster)
 
 
 @pytest.fixture(scope="session")
@@ -148,20 +153,9 @@ def conformance_aws_node(aws_node_cluster, tmp_path_factory, request) -> Iterato
 
 @pytest.fixture(scope="session")
 def gcp_node_cluster(request):
-    from onprem.session import _preconditions
-
     from .gcpnode import start_cluster
 
-    _preconditions()
-    workdir = Path(tempfile.mkdtemp(prefix="rlfleet-gcpnode-"))
-    try:
-        cluster = start_cluster(workdir, workers=1)  # stops what it started when it fails
-        say(request, "\n[gcp-node] cluster timings (s): "
-            + ", ".join(f"{k} {v:.0f}" for k, v in cluster.timings.items()))
-        yield cluster
-        cluster.stop()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from _cloud_node_cluster(request, "gcp-node", start_cluster)
 
 
 @pytest.fixture(scope="session")

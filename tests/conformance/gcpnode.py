@@ -50,13 +50,13 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .cloudnode import CloudHost, CloudLan, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
+from .cloudnode import CloudHost, CloudLan, CloudNodeCluster, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
 from .targets import ConformanceTarget, prometheus_monitored, wait_jobs_api
 
 if TYPE_CHECKING:
@@ -352,37 +352,14 @@ exec /var/lib/google/startup-script
 
 # -- the cluster ------------------------------------------------------------------------------
 
-@dataclass
-class GcpNodeCluster:
-    workdir: Path
-    rendered: Rendered
-    cloud: Cloud
-    lan: CloudLan
+class GcpNodeCluster(CloudNodeCluster):
+    subnet = SUBNET
     head: GcpNodeHost
-    workers: list[GcpNodeHost] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    token: str = ""
-    stopped: bool = False
+    workers: list[GcpNodeHost]
 
     @property
-    def hosts(self) -> list[GcpNodeHost]:
-        return [self.head, *self.workers]
-
-    def bootstrap_log(self, host: GcpNodeHost) -> str:
-        p = host.path("/var/log/rlfleet-bootstrap.log")
-        return p.read_text() if p.exists() else ""
-
-    def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        for h in self.hosts:
-            with contextlib.suppress(Exception):
-                h.stop()
-        self.cloud.stop()
-        self.lan.drop_route(f"{self.rendered.head.nat_ip}/32")
-        self.lan.drop_subnet(SUBNET)
-        self.lan.release()
+    def public_ip(self) -> str:
+        return str(self.rendered.head.nat_ip)
 
 
 def _provision(cl: GcpNodeCluster, h: GcpNodeHost) -> None:

@@ -174,5 +174,21 @@ def prometheus_monitored(query: Callable[[str], list[dict[str, Any]]], run_id: s
     return {"episode_return": got["episode_return"], "env_steps": got["env_steps_total"], "labels": got["labels"]}
 
 
+def driver_ip(tgt: ConformanceTarget, run_id: str) -> str:
+    """The node ip where Ray ran the run's entrypoint, from the Jobs API: the driver's own address
+    when it connected to Ray as a driver (driver_info), else the address of the job agent that
+    started the entrypoint on its node (driver_agent_http_address, with driver_node_id)."""
+    from rlfleet.jobs import JobsClient
+
+    t = tgt.target
+    info = JobsClient(t.ray_address, t.token(), target_name=t.name, ca_cert=t.ca_cert).get(run_id)
+    driver = info.get("driver_info") or {}
+    if driver.get("node_ip_address"):
+        return str(driver["node_ip_address"])
+    agent = urllib.parse.urlsplit(info.get("driver_agent_http_address") or "").hostname
+    assert agent and info.get("driver_node_id"), f"the Jobs API names no driver node for {run_id}: {json.dumps(info)}"
+    return agent
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

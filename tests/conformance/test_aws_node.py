@@ -22,27 +22,11 @@ import pytest
 from rlfleet import RunSpec, RunStatus, submit_run
 from rlfleet.stack_outputs import METRIC_ENV_STEPS_TOTAL, METRIC_EPISODE_RETURN, RAY_RESOURCE_SERVE_FRONT
 
-from .targets import ConformanceTarget
+from .targets import ConformanceTarget, driver_ip
 from .test_scenarios import _ppo_run, _wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400),
               pytest.mark.parametrize("tgt", ["aws-node"], indirect=True)]
-
-
-def _driver_ip(tgt: ConformanceTarget, run_id: str) -> str:
-    """The node ip where Ray ran the run's entrypoint, from the Jobs API: the driver's own address
-    when it connected to Ray as a driver (driver_info), else the address of the job agent that
-    started the entrypoint on its node (driver_agent_http_address, with driver_node_id)."""
-    from rlfleet.jobs import JobsClient
-
-    t = tgt.target
-    info = JobsClient(t.ray_address, t.token(), target_name=t.name, ca_cert=t.ca_cert).get(run_id)
-    driver = info.get("driver_info") or {}
-    if driver.get("node_ip_address"):
-        return str(driver["node_ip_address"])
-    agent = urllib.parse.urlsplit(info.get("driver_agent_http_address") or "").hostname
-    assert agent and info.get("driver_node_id"), f"the Jobs API names no driver node for {run_id}: {json.dumps(info)}"
-    return agent
 
 
 def test_nodes_bootstrapped_from_the_rendered_user_data(tgt: ConformanceTarget) -> None:
@@ -112,7 +96,7 @@ def test_a_run_placed_on_the_worker_succeeds(tgt: ConformanceTarget) -> None:
                              resources={"cpus": 0.5, "gpus": 1}), target=tgt.target)
     assert run.wait(timeout=tgt.timeout) is RunStatus.SUCCEEDED, run.failure_reason()
     run.artifacts().verify()
-    assert _driver_ip(tgt, run.run_id) in {w.ip for w in cl.workers}
+    assert driver_ip(tgt, run.run_id) in {w.ip for w in cl.workers}
 
 
 def test_a_deploy_run_is_served_by_the_head_over_tls(tgt: ConformanceTarget) -> None:
@@ -123,7 +107,7 @@ def test_a_deploy_run_is_served_by_the_head_over_tls(tgt: ConformanceTarget) -> 
     dep = submit_run(RunSpec(kind="deploy", source=src.run_id, deploy={"name": "aws-node-front"}), target=tgt.target)
     try:
         assert dep.wait(timeout=tgt.timeout) is RunStatus.RUNNING, dep.failure_reason()
-        assert _driver_ip(tgt, dep.run_id) == cl.head.ip
+        assert driver_ip(tgt, dep.run_id) == cl.head.ip
         ep = dep.endpoint()
         m = re.fullmatch(r"https://([0-9.]+):(\d+)", ep.url)
         assert m and m.group(1) == cl.rendered.head_public_ip and int(m.group(2)) in tgt.target.serve_ports, ep.url

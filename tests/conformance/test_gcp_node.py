@@ -14,8 +14,7 @@ import pytest
 
 from rlfleet import RunSpec, RunStatus, submit_run
 
-from .targets import ConformanceTarget
-from .test_aws_node import _driver_ip
+from .targets import ConformanceTarget, driver_ip
 
 pytestmark = [pytest.mark.integration, pytest.mark.onprem, pytest.mark.slow, pytest.mark.timeout(2400),
               pytest.mark.parametrize("tgt", ["gcp-node"], indirect=True)]
@@ -89,7 +88,7 @@ def test_a_run_placed_on_the_worker_succeeds(tgt: ConformanceTarget) -> None:
     run = submit_run(RunSpec(kind="train", agent="random", budget={"steps": 200},
                              resources={"cpus": 0.5, "gpus": 1}), target=tgt.target)
     assert run.wait(timeout=tgt.timeout) is RunStatus.SUCCEEDED, run.failure_reason()
-    assert _driver_ip(tgt, run.run_id) in {w.ip for w in cl.workers}
+    assert driver_ip(tgt, run.run_id) in {w.ip for w in cl.workers}
     files = tgt.own_files(run.run_id)  # written by the worker into the bucket
     assert "manifest.json" in files
     run.artifacts().verify()
