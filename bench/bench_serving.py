@@ -114,18 +114,40 @@ def start_ours(root: Path, token: str) -> tuple[subprocess.Popen, str]:
     return proc, e["url"] + e["path"]
 
 
-def start_ray_serve(onnx_bytes: bytes, token: str, tmp: Path) -> str:
+def ray_token_env(tmp: Path) -> str:
+    """A fresh token in a 0600 file that the next ray.init() uses (token auth on); the token."""
+    token = secrets.token_urlsafe(24)
+    token_file = tmp / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    os.environ["RAY_AUTH_MODE"] = "token"  # never let ray.init() pick (see ../shared/notes)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    return token
+
+
+def ray_serve_up(tmp: Path, num_cpus: int = 2) -> int:
+    """A private in-process Ray (token auth from the environment) with Serve's HTTP proxy on 127.0.0.1."""
     import logging
 
     import ray
     from ray import serve
 
     port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
              _temp_dir=str(tmp / "ray"), log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
 
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+
+def start_ray_serve(onnx_bytes: bytes, token: str, tmp: Path) -> str:
+    return ray_serve_deploy(onnx_bytes, token, ray_serve_up(tmp), replicas=1)
+
+
+def ray_serve_deploy(onnx_bytes: bytes, token: str, port: int, replicas: int) -> str:
+    """(Re)deploy the policy as a Serve application of ``replicas`` replicas (0.5 CPU each); its URL."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0.5})
     class Policy:
         def __init__(self, model: bytes, token: str) -> None:
             import hmac
@@ -166,12 +188,7 @@ def main() -> None:
     import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="rlfb-", dir="/tmp"))
-    token = secrets.token_urlsafe(24)
-    token_file = tmp / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    os.environ["RAY_AUTH_MODE"] = "token"  # never let ray.init() pick (see ../shared/notes)
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    token = ray_token_env(tmp)
     result: dict[str, Any] = {"machine": machine(), "request": {"observations": OBS}, "duration_s": args.duration}
     root = tmp / "root"
     ours_proc = None

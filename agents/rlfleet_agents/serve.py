@@ -30,6 +30,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -49,8 +50,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 class PolicyApp:
     def __init__(self, policy: OnnxPolicy, name: str, token_sha256: str,
-                 on_request: Callable[[float, int], None] | None = None) -> None:
-        """``token_sha256``: hex sha256 of the deployment's bearer token (the server never holds the token)."""
+                 on_request: Callable[[float, int], None] | None = None, observer: Any = None) -> None:
+        """``token_sha256``: hex sha256 of the deployment's bearer token (the server never holds the token).
+        ``observer`` (rlfleet_agents.servemetrics.ServeObserver): ``request(latency_s, code)`` for every
+        request and ``answered(obs, actions, latency_s)`` for every answered /act; it never sees headers."""
         if len(token_sha256) != 64:
             raise ValueError("the policy server needs the sha256 (hex) of its deployment token")
         self.policy = policy
@@ -58,6 +61,7 @@ class PolicyApp:
         self.path = f"/v1/policies/{name}/act"
         self._expected = token_sha256.lower().encode()
         self.on_request = on_request
+        self.observer = observer
         self.requests = 0
         self.oip = OipModel(policy.session, name, max_batch=MAX_BATCH)
 
@@ -73,12 +77,14 @@ class PolicyApp:
         if scope["type"] != "http":
             return
         t0 = time.perf_counter()
-        code = await self._handle(scope, receive, send)
+        code = await self._handle(scope, receive, send, t0)
         self.requests += 1
         if self.on_request is not None:
             self.on_request(time.perf_counter() - t0, code)
+        if self.observer is not None:
+            self.observer.request(time.perf_counter() - t0, code)
 
-    async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send) -> int:
+    async def _handle(self, scope: dict[str, Any], receive: Receive, send: Send, t0: float = 0.0) -> int:
         path, method = scope["path"], scope["method"]
         if path in ("/healthz", "/v2/health/live", "/v2/health/ready"):  # probes: no auth, nothing about the model
             if method != "GET":
@@ -110,6 +116,8 @@ class PolicyApp:
         except ObservationError as err:
             return await _reply(send, 422, {"error": str(err)})
         actions = self.policy.act(obs)
+        if self.observer is not None:
+            self.observer.answered(obs, actions, time.perf_counter() - t0)
         return await _reply(send, 200, {"actions": self.policy.actions_to_json(actions)})
 
     def _denied(self, scope: dict[str, Any]) -> tuple[int, dict[str, str], list[tuple[bytes, bytes]]] | None:
@@ -221,7 +229,10 @@ def bind_socket(host: str, port: int | None, candidates: list[int]) -> socket.so
     raise OSError(f"cannot bind the policy server on {host} (tried ports {tries}): {last}")
 
 
-def make_server(app: PolicyApp) -> Any:
+def make_server(app: Callable[[dict[str, Any], Receive, Send], Awaitable[None]],
+                ssl_context: ssl.SSLContext | None = None) -> Any:
+    """uvicorn for ``app``; with ``ssl_context``, HTTPS only (a named deployment's replica on another
+    node than its balancer: rlfleet_agents.deploytls)."""
     import importlib.util
 
     import uvicorn
@@ -246,6 +257,9 @@ def make_server(app: PolicyApp) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    if ssl_context is not None:  # uvicorn loads TLS only from files; the context is made in memory
+        config.load()
+        config.ssl = ssl_context
     return _Server(config)
 
 

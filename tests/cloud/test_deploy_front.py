@@ -61,7 +61,12 @@ def test_head_fronts_the_api_and_the_deploy_ports_with_nginx(cloud: str, aws: Bu
     script = _aws_script(aws, "head") if cloud == "aws" else _gcp_script(gcp, "head")
     public = "198.51.100.7" if cloud == "aws" else "203.0.113.50"
     assert "tls_proxy" not in script  # nginx replaced the stdlib proxy
-    assert re.search(r"apt-get .*\n.*install nginx", script)
+    # the head installs nginx (the front) and haproxy (a deployment's balancer) when the image lacks them
+    front = script[script.index("install_front() {"):]
+    front = front[:front.index("\n}\n")]
+    assert "want+=(nginx)" in front and "want+=(haproxy)" in front
+    assert re.search(r'install "\$\{want\[@\]\}"', front)
+    assert re.search(r"^\s*install_front$", script, re.M)  # and the head calls it
     conf = script[script.index("render_nginx_conf()"):]
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in conf
     assert "proxy_pass http://127.0.0.1:8265;" in conf  # the Jobs API behind the API port
