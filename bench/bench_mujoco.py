@@ -1,0 +1,151 @@
+"""Our PPO vs Stable-Baselines3 PPO on MuJoCo continuous control, side by side in one process.
+
+For each env and seed, both kits train for the same number of env steps on 1 torch thread:
+ours with its tuned defaults for the env (CleanRL's ppo_continuous_action settings, see
+rlfleet_agents/configs.py), SB3 with RL-Zoo's tuned hyperparameters for the env (VecNormalize on
+observations and rewards, as RL-Zoo's ``normalize: true``). Then the final deterministic policy of
+each is evaluated on the same fresh-seed episodes with the same code (``rlfleet_agents.evaluate``;
+SB3's observations go through its frozen VecNormalize statistics). Reported per env and kit:
+final return (mean over seeds, with the spread: std over seeds and min/max), training wall
+time and training CPU time (evaluation excluded; on a shared machine the CPU time is the figure
+that does not move with other jobs' load). CleanRL's published 1M-step returns are printed as a reference row.
+
+Usage (full budget, as the issue asks: ~1M steps x 5 seeds x 2 envs x 2 kits, many hours on 2 cores):
+  PYTHONPATH=sdk:agents .venv/bin/python bench/bench_mujoco.py --steps 1000000 --seeds 5 \
+      --envs Hopper-v5,HalfCheetah-v5 --json-out mujoco.json
+Reduced budget (what docs/benchmarks.md reports from this machine):
+  PYTHONPATH=sdk:agents nice -n 10 .venv/bin/python bench/bench_mujoco.py --steps 200000 --seeds 2 --envs Hopper-v5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit, machine
+
+# rl-baselines3-zoo hyperparams/ppo.yml (the tuned "Hopper-v3" / "HalfCheetah-v3" entries; RL-Zoo
+# uses the same values for the later MuJoCo versions). All: normalize: true, n_envs: 1,
+# policy_kwargs log_std_init=-2, ortho_init=False, ReLU, pi/vf [256, 256].
+ZOO = {
+    "Hopper": {"batch_size": 32, "n_steps": 512, "gamma": 0.999, "learning_rate": 9.80828e-05,
+               "ent_coef": 0.00229519, "clip_range": 0.2, "n_epochs": 5, "gae_lambda": 0.99,
+               "max_grad_norm": 0.7, "vf_coef": 0.835671},
+    "HalfCheetah": {"batch_size": 64, "n_steps": 512, "gamma": 0.98, "learning_rate": 2.0633e-05,
+                    "ent_coef": 0.000401762, "clip_range": 0.1, "n_epochs": 20, "gae_lambda": 0.92,
+                    "max_grad_norm": 0.8, "vf_coef": 0.58096},
+}
+
+# CleanRL's published ppo_continuous_action.py returns at 1M steps (MuJoCo v4, openrlbenchmark
+# tag pr-424), from https://docs.cleanrl.dev/rl-algorithms/ppo/#ppo_continuous_actionpy
+# ("Experiment results", MuJoCo v4 table): mean +- std over its seeds of the training episodic return.
+CLEANRL_1M = {"Hopper": (2382.86, 271.74), "HalfCheetah": (1442.64, 46.03)}
+
+
+def _family(env_id: str) -> str:
+    name = env_id.split("-")[0]
+    if name not in ZOO:
+        raise SystemExit(f"--envs: no RL-Zoo hyperparameters here for {env_id!r} (have: {', '.join(ZOO)})")
+    return name
+
+
+def ours(env_id: str, seed: int, steps: int, episodes: int) -> dict[str, Any]:
+    from rlfleet_agents.evaluate import evaluate
+    from rlfleet_agents.networks import torch_act_fn
+    from rlfleet_agents.trainer import make_algorithm, train
+
+    algo = make_algorithm("ppo", env_id, None, seed, {"device": "cpu"}, steps)
+    c0 = time.process_time()
+    res = train(algo, total_steps=steps)
+    cpu = time.process_time() - c0
+    algo.close()
+    assert res.policy is not None
+    ev = evaluate(torch_act_fn(res.policy, algo.device), env_id, episodes, seed=seed)
+    return {"seed": seed, "steps": res.global_step, "wall_time_s": round(res.wall_time_s, 1),
+            "cpu_time_s": round(cpu, 1),
+            "return": round(ev["mean"], 1), "return_std_episodes": round(ev["std"], 1)}
+
+
+def sb3(env_id: str, seed: int, steps: int, episodes: int) -> dict[str, Any]:
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from rlfleet_agents.evaluate import evaluate
+
+    z = ZOO[_family(env_id)]
+    venv = VecNormalize(make_vec_env(env_id, n_envs=1, seed=seed), gamma=z["gamma"])
+    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0,
+                policy_kwargs={"log_std_init": -2, "ortho_init": False, "activation_fn": torch.nn.ReLU,
+                               "net_arch": {"pi": [256, 256], "vf": [256, 256]}}, **z)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.learn(total_timesteps=steps)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    venv.training = False
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return model.predict(venv.normalize_obs(obs), deterministic=True)[0]
+
+    ev = evaluate(act, env_id, episodes, seed=seed)
+    venv.close()
+    return {"seed": seed, "steps": int(model.num_timesteps), "wall_time_s": round(wall, 1), "cpu_time_s": round(cpu, 1),
+            "return": round(ev["mean"], 1), "return_std_episodes": round(ev["std"], 1)}
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    r = np.array([x["return"] for x in runs], dtype=float)
+    t = np.array([x["wall_time_s"] for x in runs], dtype=float)
+    c = np.array([x["cpu_time_s"] for x in runs], dtype=float)
+    return {"return_mean": round(float(r.mean()), 1), "return_std_over_seeds": round(float(r.std()), 1),
+            "return_min": float(r.min()), "return_max": float(r.max()),
+            "wall_time_s_mean": round(float(t.mean()), 1), "cpu_time_s_mean": round(float(c.mean()), 1),
+            "per_seed": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--envs", default="Hopper-v5,HalfCheetah-v5", help="comma-separated MuJoCo env ids")
+    ap.add_argument("--steps", type=int, default=1_000_000, help="env steps per run (both kits)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--eval-episodes", type=int, default=10, help="deterministic episodes per final evaluation")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    envs = [e.strip() for e in args.envs.split(",") if e.strip()]
+    for e in envs:
+        _family(e)
+
+    import torch
+
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"machine": machine(), "protocol": {
+        "steps": args.steps, "seeds": args.seeds, "envs": envs, "eval_episodes": args.eval_episodes,
+        "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs}}, "envs": {}}
+    for env_id in envs:
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "sb3": []}
+        for seed in range(args.seeds):  # interleaved: load on the shared machine hits both kits alike
+            runs["ours"].append(ours(env_id, seed, args.steps, args.eval_episodes))
+            runs["sb3"].append(sb3(env_id, seed, args.steps, args.eval_episodes))
+            print(f"{env_id} seed {seed}: ours {runs['ours'][-1]}, SB3 {runs['sb3'][-1]}", file=sys.stderr, flush=True)
+        o, s = summary(runs["ours"]), summary(runs["sb3"])
+        ref_mean, ref_std = CLEANRL_1M[_family(env_id)]
+        result["envs"][env_id] = {
+            "ours": o, "sb3": s,
+            "wall_time_ratio_ours_over_sb3": round(o["wall_time_s_mean"] / s["wall_time_s_mean"], 3),
+            "cpu_time_ratio_ours_over_sb3": round(o["cpu_time_s_mean"] / s["cpu_time_s_mean"], 3),
+            "cleanrl_published_1M": {"return_mean": ref_mean, "return_std": ref_std,
+                                     "env": env_id.replace("-v5", "-v4"), "steps": 1_000_000},
+        }
+        if args.json_out:  # partial results survive an interrupted long run
+            emit(result, args.json_out)
+    emit(result, args.json_out)
+
+
+if __name__ == "__main__":
+    main()
