@@ -6,7 +6,7 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := prometheus debootstrap systemd-container shellcheck wrk nftables iproute2 zstd util-linux curl
+APT_PACKAGES := prometheus debootstrap systemd-container shellcheck wrk nftables iproute2 zstd util-linux curl haproxy
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
 .PHONY: setup demo test test-fast lint bench clean

@@ -14,6 +14,7 @@ Default run: ~3-5 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -120,14 +121,23 @@ def main() -> None:
     ap.add_argument("--sb3-budget", type=int, default=ZOO_CARTPOLE["n_timesteps"], help="env steps per seed (SB3)")
     ap.add_argument("--throughput-steps", type=int, default=30_000)
     ap.add_argument("--json-out")
+    ap.add_argument("--ours-override", default="{}", metavar="JSON",
+                    help="PPO config keys that replace our CartPole-v1 defaults for this run, e.g. "
+                         "'{\"num_envs\": 16, \"num_steps\": 32}' (to measure a candidate side by side)")
     args = ap.parse_args()
+    override = json.loads(args.ours_override)
+    if override:
+        from rlfleet_agents.configs import PPO_ENV_DEFAULTS
+
+        PPO_ENV_DEFAULTS["CartPole-v1"].update(override)
 
     import torch
 
     torch.set_num_threads(1)
     result: dict[str, Any] = {"machine": machine(), "protocol": {
         "eval_every": EVAL_EVERY, "eval_episodes": EVAL_EPISODES, "solved": SOLVED, "seeds": args.seeds,
-        "ours_budget": args.ours_budget, "sb3_budget": args.sb3_budget, "sb3_hyperparameters": ZOO_CARTPOLE}}
+        "ours_budget": args.ours_budget, "sb3_budget": args.sb3_budget, "sb3_hyperparameters": ZOO_CARTPOLE,
+        "ours_override": override}}
 
     sb3_sps = sb3_throughput(args.throughput_steps)
     ours_sps = ours_throughput(max(args.throughput_steps, 100_000))

@@ -74,9 +74,20 @@ def main() -> int:
 
         ray_client = JobSubmissionClient(target.ray_address)
 
-        def ours() -> tuple[float, float]:
+        from rlfleet.provisioners.external import target_from
+
+        # the same head as an unsupervised 'ray' target: submit_run goes straight to Ray's Jobs API,
+        # as every submission did before the run queue (docs/scale-out.md)
+        # (its own artifact root: the local supervisor's heartbeat in the local root would make a 'ray'
+        # target there supervised, and its runs would go through the queue too)
+        direct = target_from("bench-direct", address=target.ray_address,
+                             token_file=target.token_source.split(":", 1)[1],
+                             artifact_root=target.artifact_root.rstrip("/") + "/bench-direct")
+
+        def ours(tgt: object = None) -> tuple[float, float]:
             t0 = time.perf_counter()
-            run = submit_run(RunSpec(kind="train", agent="random", budget={"steps": 100}, resources={"cpus": 0.5}))
+            run = submit_run(RunSpec(kind="train", agent="random", budget={"steps": 100}, resources={"cpus": 0.5}),
+                             target=tgt)  # type: ignore[arg-type]
             t_run = None
             while True:
                 st = run.status()
@@ -104,8 +115,11 @@ def main() -> int:
         ours()  # warm-up both (first job pays for the runtime env agent)
         theirs()
         o = [ours() for _ in range(args.repeat)]
+        d = [ours(direct) for _ in range(args.repeat)]
         t = [theirs() for _ in range(args.repeat)]
         rows.append(("submit → RUNNING", statistics.median(x[0] for x in o), statistics.median(x[0] for x in t)))
+        rows.append(("submit → RUNNING, no queue (same head as a `ray` target)",
+                     statistics.median(x[0] for x in d), statistics.median(x[0] for x in t)))
         rows.append(("submit → SUCCEEDED", statistics.median(x[1] for x in o), statistics.median(x[1] for x in t)))
         del token
     finally:
@@ -115,6 +129,7 @@ def main() -> int:
         f"Measured {date.today().isoformat()} on {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; median of {args.repeat}; local target (Ray head in a private netns).",
         "The rlfleet run is a real `random`-agent train run (100 env steps, writes spec, metrics and manifest);",
+        "on the local target it goes through the run queue and its supervisor, as a `ray` target straight to Ray;",
         "Ray's is `python -c pass` through JobSubmissionClient.",
         "",
         "| what | rlfleet | Ray's own tool | ratio (rlfleet / Ray) |",

@@ -35,6 +35,11 @@ def machine() -> dict[str, Any]:
             "load_avg_1m_at_start": round(load, 2)}
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """'<date>, N cores (<cpu>), load L at start' from :func:`machine`, the head of a bench section."""
+    return f"{info['date']}, {info['cores']} cores ({info['cpu']}), load {info['load_avg_1m_at_start']} at start"
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     if not s:
@@ -52,3 +57,13 @@ def emit(result: dict[str, Any], json_out: str | None) -> None:
     print(text)
     if json_out:
         Path(json_out).write_text(text + "\n")
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in
+    docs/benchmarks.md with ``body`` (nothing happens when the markers are missing)."""
+    path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    text = path.read_text()
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    if begin in text and end in text:
+        path.write_text(text[: text.index(begin)] + f"{begin}\n{body}\n" + text[text.index(end):])

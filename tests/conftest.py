@@ -7,6 +7,8 @@
   shared by every test that needs a cluster; see tests/sdk/conftest.py.
 - ``onprem``: the one throwaway on-prem host of the test run (tests/onprem/session.py), shared by
   tests/onprem and tests/conformance; registered here only, so both get the same host.
+- ``multinode``: the one multi-node Ray cluster of the test run (head + worker nodes in their own
+  network namespaces, one with a fake GPU; tests/scaleout/multinode.py), in its own RLFLEET_HOME.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from onprem.session import onprem  # noqa: F401 - the session fixture, registered once for every directory
+
+# helper modules whose asserts a failing test reports: rewritten like test modules (a bare
+# 'AssertionError' in the CI summary said nothing about which check failed)
+pytest.register_assert_rewrite("tracking_server")
+from onprem.session import onprem  # noqa: E402, F401 - the session fixture, registered once for every directory
+from scaleout.multinode import multinode  # noqa: E402, F401 - the same: one multi-node cluster per test run
+from tracking_server import _mlflow_servers, mlflow_server  # noqa: E402, F401 - the same: one MLflow tracking server
 
 VENV_BIN = Path(sys.executable).parent
 

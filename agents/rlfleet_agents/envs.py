@@ -9,6 +9,7 @@ final observation, which is what bootstrapping needs on truncation.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -40,8 +41,34 @@ def _format_make_error(env_id: str, err: Exception) -> EnvError:
     return EnvError(f"env {env_id!r}: {type(err).__name__}: {err}")
 
 
+_mujoco_warnings_routed = False
+
+
+def _route_mujoco_warnings(env_id: str) -> None:
+    """MuJoCo writes its warnings to ``MUJOCO_LOG.TXT`` in the working directory (mujoco 4 warns
+    that HalfCheetah's XML uses the deprecated ``settotalmass``): send them to Python's logging
+    instead, so a run or a test leaves no stray file behind."""
+    global _mujoco_warnings_routed
+    if _mujoco_warnings_routed:
+        return
+    try:
+        entry = gym.spec(env_id).entry_point
+    except Exception:  # unknown id: gym.make reports it
+        return
+    if not isinstance(entry, str) or not entry.startswith("gymnasium.envs.mujoco"):
+        return
+    try:
+        import mujoco
+    except ImportError:  # gym.make names the missing extra
+        return
+    log = logging.getLogger("mujoco")
+    mujoco.set_mju_user_warning(lambda msg: log.warning("%s", msg.strip()))
+    _mujoco_warnings_routed = True
+
+
 def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None, **extra: Any) -> gym.Env:
     _ensure_code_dir_on_path()
+    _route_mujoco_warnings(env_id)
     try:
         return gym.make(env_id, **(env_kwargs or {}), **extra)
     except Exception as err:
@@ -53,6 +80,7 @@ def make_vec_env(
 ) -> gym.vector.VectorEnv:
     """A vector env; 'auto' prefers the env's native numpy-vectorized implementation."""
     _ensure_code_dir_on_path()
+    _route_mujoco_warnings(env_id)
     kwargs = dict(env_kwargs or {})
     tried: list[str] = ["vector_entry_point"] if mode in ("auto", "native") else []
     if mode in ("auto", "sync"):

@@ -11,7 +11,11 @@ run's manifest comes after it. A store error in metrics is never fatal to the ru
 
 Connecting the job process to its cluster (``ray.init(address="auto")``) takes seconds, so it
 happens in a background thread and never delays training; rows recorded before it is ready
-still reach the store, and the latest values are exported once it is.
+still reach the store, and the latest values are exported once it is. A writer may defer the
+connection (``ray_connect_after_s``; the random baseline: METRICS_CONNECT_AFTER_S): a run that
+ends sooner never imports ray nor registers with the cluster. Ray exports a process's metrics every
+10 s, so such a run exported nothing before either; ``RLFLEET_METRICS_LINGER_S`` (keep the process
+for scrapes) connects at once.
 """
 
 from __future__ import annotations
@@ -29,15 +33,23 @@ from rlfleet.artifacts import METRICS, METRICS_DIR, RunArtifacts, metrics_segmen
 METRIC_NAMES = (
     "rlfleet_episode_return", "rlfleet_episode_length", "rlfleet_env_steps_total",
     "rlfleet_steps_per_second", "rlfleet_loss", "rlfleet_serve_requests_total",
-    "rlfleet_serve_latency_seconds",
+    "rlfleet_serve_latency_seconds",  # the serve_* ones: rlfleet_agents.servemetrics
 )
-LATENCY_BOUNDARIES = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+
+
+METRICS_CONNECT_AFTER_S = 3.0  # the random baseline connects to Ray for metrics only after this long
+
+
+def _linger_s() -> float:
+    return float(os.environ.get("RLFLEET_METRICS_LINGER_S", "0") or 0)
 
 
 class RayMetrics:
-    """``ray.util.metrics`` instruments with the contract's names and labels."""
+    """``ray.util.metrics`` instruments with the contract's names and labels. ``connect_after_s``:
+    connect only after this long (not at all if :meth:`cancel` comes first); at once when the
+    process lingers for scrapes."""
 
-    def __init__(self, labels: dict[str, str]) -> None:
+    def __init__(self, labels: dict[str, str], connect_after_s: float = 0.0) -> None:
         self.labels = labels
         self.ready = threading.Event()
         self.failed: str | None = None
@@ -45,12 +57,24 @@ class RayMetrics:
         self._m: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pending: dict[str, Any] | None = None
-        if os.environ.get("RAY_ADDRESS"):
-            threading.Thread(target=self._connect, name="rlfleet-ray-metrics", daemon=True).start()
+        self._cancelled = threading.Event()
+        if self.enabled:
+            delay = 0.0 if _linger_s() > 0 else connect_after_s
+            threading.Thread(target=self._connect_after, args=(delay,), name="rlfleet-ray-metrics",
+                             daemon=True).start()
 
     @property
     def enabled(self) -> bool:
         return bool(os.environ.get("RAY_ADDRESS"))
+
+    def _connect_after(self, delay: float) -> None:
+        if delay > 0 and self._cancelled.wait(delay):
+            return  # the run ended first: nothing to export
+        self._connect()
+
+    def cancel(self) -> None:
+        """A connection not yet started is not made (the run has ended)."""
+        self._cancelled.set()
 
     def _connect(self) -> None:
         t0 = time.monotonic()
@@ -59,20 +83,10 @@ class RayMetrics:
             from ray.util import metrics as rm
 
             if not ray.is_initialized():
-                ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False,
-                         include_dashboard=False)
-            keys = tuple(self.labels)
-            self._m = {
-                "return": rm.Gauge("rlfleet_episode_return", "Mean episode return (recent episodes)", tag_keys=keys),
-                "length": rm.Gauge("rlfleet_episode_length", "Mean episode length (recent episodes)", tag_keys=keys),
-                "steps": rm.Counter("rlfleet_env_steps_total", "Environment steps taken", tag_keys=keys),
-                "sps": rm.Gauge("rlfleet_steps_per_second", "Environment steps per second", tag_keys=keys),
-                "loss": rm.Gauge("rlfleet_loss", "Training losses", tag_keys=(*keys, "name")),
-                "requests": rm.Counter("rlfleet_serve_requests_total", "Policy server requests",
-                                       tag_keys=(*keys, "code")),
-                "latency": rm.Histogram("rlfleet_serve_latency_seconds", "Policy server request latency",
-                                        boundaries=LATENCY_BOUNDARIES, tag_keys=keys),
-            }
+                from rlfleet_agents.distributed import connect_ray  # on this process's own node
+
+                connect_ray(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+            self._m = self._instruments(rm, tuple(self.labels))
             for m in self._m.values():
                 m.set_default_tags(self.labels)
         except Exception as err:  # metrics must never break a run
@@ -85,6 +99,16 @@ class RayMetrics:
             pending, self._pending = self._pending, None
         if pending:
             self.record_row(pending)
+
+    def _instruments(self, rm: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The instruments by short name (a policy server's are in rlfleet_agents.servemetrics)."""
+        return {
+            "return": rm.Gauge("rlfleet_episode_return", "Mean episode return (recent episodes)", tag_keys=keys),
+            "length": rm.Gauge("rlfleet_episode_length", "Mean episode length (recent episodes)", tag_keys=keys),
+            "steps": rm.Counter("rlfleet_env_steps_total", "Environment steps taken", tag_keys=keys),
+            "sps": rm.Gauge("rlfleet_steps_per_second", "Environment steps per second", tag_keys=keys),
+            "loss": rm.Gauge("rlfleet_loss", "Training losses", tag_keys=(*keys, "name")),
+        }
 
     def record_row(self, row: dict[str, Any], steps_delta: int = 0) -> None:
         if not self.ready.is_set():
@@ -106,11 +130,6 @@ class RayMetrics:
         for name, v in (row.get("losses") or {}).items():
             m["loss"].set(float(v), tags={"name": name})
 
-    def record_request(self, latency_s: float, code: int) -> None:
-        if self.ready.is_set():
-            self._m["requests"].inc(1, tags={"code": str(code)})
-            self._m["latency"].observe(latency_s)
-
     def wait_ready(self, timeout: float) -> bool:
         return self.ready.wait(timeout) if self.enabled else False
 
@@ -121,11 +140,13 @@ class MetricsWriter:
     ``flush_every_s``: how often the background thread appends a segment (default 2 s on
     file://, 5 s on object stores); ``max_backoff_s``: the longest wait between attempts while the
     store fails; ``close_timeout_s``: how long ``close()`` waits for the last segment write before
-    the consolidated ``metrics.jsonl`` (which gets the store's own retry budget).
+    the consolidated ``metrics.jsonl`` (which gets the store's own retry budget);
+    ``ray_connect_after_s``: defer the Ray metrics connection (none if the writer closes first).
     """
 
     def __init__(self, arts: RunArtifacts, labels: dict[str, str], *, flush_every_s: float | None = None,
-                 max_backoff_s: float = 30.0, fanout: int = 8, close_timeout_s: float = 600.0) -> None:
+                 max_backoff_s: float = 30.0, fanout: int = 8, close_timeout_s: float = 600.0,
+                 ray_connect_after_s: float = 0.0) -> None:
         self.arts = arts
         self.rows: list[str] = []
         self.flush_every_s = flush_every_s if flush_every_s is not None else (
@@ -142,12 +163,30 @@ class MetricsWriter:
         self._stop = threading.Event()
         self._closed = False
         self._last_step = 0
-        self.ray = RayMetrics(labels)
+        self.ray = RayMetrics(labels, connect_after_s=ray_connect_after_s)
         self._thread = threading.Thread(target=self._loop, name="rlfleet-metrics", daemon=True)
         self._thread.start()
 
     def set_start_step(self, step: int) -> None:
         self._last_step = step
+
+    def carry_over(self, step: int) -> int:
+        """A restarted attempt of this same run (resumed from its own checkpoint at ``step``): the
+        earlier attempts' rows up to ``step`` stay the run's first rows. They are stored again as
+        one segment before the old segments (and an earlier attempt's metrics.jsonl, which readers
+        would prefer) are deleted, so a reader always finds them; the rows after ``step`` are
+        trained again by this attempt. Call before the first write(). Returns the rows kept."""
+        kept = [r for r in self.arts.iter_metrics() if int(r.get("step", 0)) <= step]
+        with self._lock:
+            old = [f for f in self.arts.list_files(include_manifest=False)
+                   if f == METRICS or f.startswith(METRICS_DIR + "/")]
+            self.rows[:0] = [json.dumps(r, sort_keys=True, allow_nan=False, default=float) for r in kept]
+            self.flushed, self._segments = 0, []
+            # deleted only after a segment holding the kept rows is stored (this flush or a later one)
+            self._garbage.extend(old)
+            self._flush_segment()
+        self._last_step = max(self._last_step, step)
+        return len(kept)
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(json.dumps(row, sort_keys=True, allow_nan=False, default=float))
@@ -185,7 +224,11 @@ class MetricsWriter:
             self.flushed = end
             self._segments.append((first, end - 1, 0))
         self._merge()
+        live = {metrics_segment(a, b) for a, b, _ in self._segments}
         for rel in list(self._garbage):
+            if rel in live:  # an earlier attempt's file of the same name, just rewritten: keep it
+                self._garbage.remove(rel)
+                continue
             try:
                 self.arts.delete_file(rel)
                 self._garbage.remove(rel)
@@ -222,6 +265,8 @@ class MetricsWriter:
             return
         self._closed = True
         self._stop.set()
+        if _linger_s() <= 0:
+            self.ray.cancel()  # a deferred connection not made yet: the run has nothing more to export
         if not self._lock.acquire(timeout=self.close_timeout_s):  # the thread's write in progress
             print(f"rlfleet: warning: metrics: the store did not take the last rows within "
                   f"{self.close_timeout_s:.0f} s; {len(self.rows) - self.flushed} row(s) not stored",
@@ -240,7 +285,7 @@ class MetricsWriter:
                     self._failed(f"delete {METRICS_DIR}/", err)
         finally:
             self._lock.release()
-        linger = float(os.environ.get("RLFLEET_METRICS_LINGER_S", "0") or 0)
+        linger = _linger_s()
         if linger > 0 and self.ray.enabled:
             # let Prometheus scrape the final values before the process exits
             self.ray.wait_ready(min(30.0, linger + 10))

@@ -8,7 +8,7 @@ episode's last transition bootstraps from the true final observation when it was
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,10 @@ from torch import nn
 from rlfleet_agents.configs import PPOConfig
 from rlfleet_agents.envs import EpisodeTracker, SpaceInfo, make_vec_env, vec_space_info
 from rlfleet_agents.networks import ActorCritic, DeterministicPolicy, NumpyActorCritic
+from rlfleet_agents.ppo_numpy import numpy_update
+
+if TYPE_CHECKING:
+    from rlfleet_agents.distributed import RunnerPool
 
 
 class RewardScaler:
@@ -53,19 +57,29 @@ class PPO:
         self.total_steps = total_steps
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
-        self.envs = make_vec_env(env_id, cfg.num_envs, env_kwargs, mode=cfg.vectorization)
-        self.info = vec_space_info(self.envs, env_id)
+        self.runners: RunnerPool | None = None
+        if cfg.env_runners:  # the rollouts run in Ray actors; the learner only needs the spaces
+            from rlfleet_agents.distributed import RunnerPool
+
+            probe = make_vec_env(env_id, 1, env_kwargs, mode=cfg.vectorization)
+            self.info = vec_space_info(probe, env_id)
+            self.obs = probe.reset(seed=seed)[0]
+            probe.close()
+            self.envs = None
+            self.runners = RunnerPool(cfg, env_id, env_kwargs, seed)
+        else:
+            self.envs = make_vec_env(env_id, cfg.num_envs, env_kwargs, mode=cfg.vectorization)
+            self.info = vec_space_info(self.envs, env_id)
         self.model = ActorCritic(self.info, cfg.hidden_sizes, cfg.normalize_obs, cfg.init_log_std).to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=True)
-        self.obs, _ = self.envs.reset(seed=seed)
+        if self.envs is not None:
+            self.obs, _ = self.envs.reset(seed=seed)
         self.tracker = EpisodeTracker(cfg.num_envs)
-        self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.normalize_reward else None
+        scale = cfg.normalize_reward and self.runners is None  # runners scale their own rewards
+        self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if scale else None
         self.global_step = 0
         self.iteration = 0
         self.clip_coef = cfg.clip_coef
-        if self.info.action_kind == "box":
-            self._low = np.asarray(self.info.action_low, dtype=np.float32)
-            self._high = np.asarray(self.info.action_high, dtype=np.float32)
 
     # -- one iteration ----------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:
@@ -83,39 +97,21 @@ class PPO:
         return stats
 
     def collect_rollout(self) -> dict[str, np.ndarray]:
-        T, N = self.cfg.num_steps, self.cfg.num_envs
-        obs_buf = np.zeros((T, N, *self.info.obs_shape), dtype=np.float32)
-        act_shape: tuple[int, ...] = (T, N) if self.info.action_kind == "discrete" else (T, N, self.info.n_actions)
-        act_buf = np.zeros(act_shape, dtype=np.int64 if self.info.action_kind == "discrete" else np.float32)
-        logp_buf = np.zeros((T, N), dtype=np.float32)
-        val_buf = np.zeros((T, N), dtype=np.float32)
-        rew_buf = np.zeros((T, N), dtype=np.float32)
-        term_buf = np.zeros((T, N), dtype=np.float32)
-        done_buf = np.zeros((T, N), dtype=np.float32)
-        valid_buf = np.zeros((T, N), dtype=bool)
-        fast = NumpyActorCritic(self.model, self.rng)  # weights are fixed during a rollout
-        for t in range(T):
-            obs_buf[t] = self.obs
-            a, logp, value = fast.sample(self.obs)
-            env_a = np.clip(a, self._low, self._high) if self.info.action_kind == "box" else a
-            self.obs, reward, term, trunc, _ = self.envs.step(env_a)
-            valid = self.tracker.step(reward, term, trunc)
-            done = (term | trunc) & valid
-            if self.reward_scaler is not None:
-                reward = self.reward_scaler(reward, done)
-            act_buf[t], logp_buf[t], val_buf[t] = a, logp, value
-            rew_buf[t], term_buf[t], done_buf[t], valid_buf[t] = reward, term & valid, done, valid
-        self.global_step += int(valid_buf.sum())
-        next_value = fast.value(self.obs)
-        return {"obs": obs_buf, "actions": act_buf, "logp": logp_buf, "values": val_buf,
-                "rewards": rew_buf, "terms": term_buf, "dones": done_buf, "valid": valid_buf,
-                "next_value": next_value}
+        if self.runners is not None:  # N runners' batches side by side: (T, N * num_envs, ...)
+            batch, self.obs, (rets, lens) = self.runners.collect(self.model)
+            self.tracker.finished_returns.extend(rets)
+            self.tracker.finished_lengths.extend(lens)
+        else:
+            batch, self.obs = collect_rollout(self.cfg, self.info, self.envs, self.obs, self.tracker,
+                                              self.reward_scaler, NumpyActorCritic(self.model, self.rng))
+        self.global_step += int(batch["valid"].sum())
+        return batch
 
     def compute_advantages(self, b: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.cfg
         T = cfg.num_steps
         adv = np.zeros_like(b["rewards"])
-        last = np.zeros(cfg.num_envs, dtype=np.float32)
+        last = np.zeros(b["rewards"].shape[1], dtype=np.float32)
         for t in reversed(range(T)):
             next_values = b["next_value"] if t == T - 1 else b["values"][t + 1]
             delta = b["rewards"][t] + cfg.gamma * next_values * (1.0 - b["terms"][t]) - b["values"][t]
@@ -124,6 +120,11 @@ class PPO:
         return adv, adv + b["values"]
 
     def update(self, b: dict[str, np.ndarray], advantages: np.ndarray, returns: np.ndarray) -> dict[str, float]:
+        if self.device.type == "cpu":  # the same update, without autograd's per-op overhead (ppo_numpy.py)
+            return numpy_update(self.model, self.optimizer, self.cfg, self.clip_coef, b, advantages, returns)
+        return self.update_torch(b, advantages, returns)
+
+    def update_torch(self, b: dict[str, np.ndarray], advantages: np.ndarray, returns: np.ndarray) -> dict[str, float]:
         cfg, dev = self.cfg, self.device
         valid = b["valid"]
         obs = torch.as_tensor(b["obs"][valid], device=dev)
@@ -219,8 +220,50 @@ class PPO:
         torch.set_rng_state(s["torch_rng"])
         self.rng.bit_generator.state = s["np_rng"]
         # The env state is not in the checkpoint: start fresh episodes on new seeds.
-        self.obs, _ = self.envs.reset(seed=self.seed + 7919 * (1 + self.iteration))
+        if self.runners is not None:
+            self.runners.reseed(self.seed + 7919 * (1 + self.iteration))
+        elif self.envs is not None:
+            self.obs, _ = self.envs.reset(seed=self.seed + 7919 * (1 + self.iteration))
         self.tracker = EpisodeTracker(self.cfg.num_envs)
 
     def close(self) -> None:
-        self.envs.close()
+        if self.runners is not None:
+            self.runners.close()
+        if self.envs is not None:
+            self.envs.close()
+
+
+def collect_rollout(cfg: PPOConfig, info: SpaceInfo, envs: Any, obs: np.ndarray, tracker: EpisodeTracker,
+                    reward_scaler: RewardScaler | None, fast: NumpyActorCritic,
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One rollout of ``cfg.num_steps`` steps of ``envs`` from ``obs`` with the (fixed) weights in
+    ``fast``: the batch and the observations it ends on. The learner calls it with its own envs
+    (env_runners = 0), each env runner with its own (rlfleet_agents.distributed)."""
+    T, N = cfg.num_steps, envs.num_envs
+    obs_buf = np.zeros((T, N, *info.obs_shape), dtype=np.float32)
+    act_shape: tuple[int, ...] = (T, N) if info.action_kind == "discrete" else (T, N, info.n_actions)
+    act_buf = np.zeros(act_shape, dtype=np.int64 if info.action_kind == "discrete" else np.float32)
+    logp_buf = np.zeros((T, N), dtype=np.float32)
+    val_buf = np.zeros((T, N), dtype=np.float32)
+    rew_buf = np.zeros((T, N), dtype=np.float32)
+    term_buf = np.zeros((T, N), dtype=np.float32)
+    done_buf = np.zeros((T, N), dtype=np.float32)
+    valid_buf = np.zeros((T, N), dtype=bool)
+    if info.action_kind == "box":
+        low = np.asarray(info.action_low, dtype=np.float32)
+        high = np.asarray(info.action_high, dtype=np.float32)
+    for t in range(T):
+        obs_buf[t] = obs
+        a, logp, value = fast.sample(obs)
+        env_a = np.clip(a, low, high) if info.action_kind == "box" else a
+        obs, reward, term, trunc, _ = envs.step(env_a)
+        valid = tracker.step(reward, term, trunc)
+        done = (term | trunc) & valid
+        if reward_scaler is not None:
+            reward = reward_scaler(reward, done)
+        act_buf[t], logp_buf[t], val_buf[t] = a, logp, value
+        rew_buf[t], term_buf[t], done_buf[t], valid_buf[t] = reward, term & valid, done, valid
+    next_value = fast.value(obs)
+    return {"obs": obs_buf, "actions": act_buf, "logp": logp_buf, "values": val_buf,
+            "rewards": rew_buf, "terms": term_buf, "dones": done_buf, "valid": valid_buf,
+            "next_value": next_value}, obs

@@ -9,8 +9,9 @@ Other variables: ``RLFLEET_METRICS_LINGER_S`` keeps the process alive this long 
 metrics (scrapes).
 
 Artifacts: spec.json first; metrics/ segments while running, metrics.jsonl when it ends (see
-rlfleet_agents.metrics); checkpoints/; policy.onnx (+ policy.pt);
-eval.json (eval); endpoint.json (deploy); manifest.json last, only on success.
+rlfleet_agents.metrics); checkpoints/; policy.onnx (+ policy.pt, policy_stats.json: rlfleet_agents.drift);
+eval.json (eval); endpoint.json (deploy; after it, outside the manifest: serve_status.json and audit/,
+rlfleet_agents.servemetrics); manifest.json last, only on success.
 On error: one line on stderr (``rlfleet: error: run <id>: ...``), a non-zero exit code, no manifest.
 
 The 'random' agent path imports no torch, so short runs start fast.
@@ -42,6 +43,10 @@ class RunError(Exception):
     """A failure with a message meant for the user."""
 
 
+class Stopped(Exception):
+    """The run was asked to stop (SIGTERM: a cancel) before its commit point: it commits nothing."""
+
+
 @dataclass
 class RunContext:
     envelope: RunEnvelope
@@ -70,16 +75,25 @@ class RunContext:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {"run_id": self.run_id, "kind": self.spec.kind.value, "env": self.spec.env, "target": self.target}
+        from rlfleet_agents.distributed import node_address
+
+        return {"run_id": self.run_id, "kind": self.spec.kind.value, "env": self.spec.env, "target": self.target,
+                "node": node_address()}
 
     def open_other(self, uri: str) -> RunArtifacts:
         return open_run(uri, storage_options=self.storage_options, retry_s=STORE_RETRY_S)
+
+    def check_stop(self) -> None:
+        """Raise Stopped if a stop was asked for (a deploy run commits as it starts: never)."""
+        if self.stop_requested and self.spec.kind != Kind.DEPLOY:
+            raise Stopped("stopped before its commit: no manifest (a cancelled run never reads as complete)")
 
     def commit(self, extra: dict[str, Any]) -> None:
         """Write manifest.json with ``extra`` and the run's provenance (the commit point)."""
         from rlfleet_agents.provenance import provenance
 
         assert self.arts is not None and self.sources is not None
+        self.check_stop()
         self.arts.commit(extra=extra, provenance=provenance(self.envelope, self.spec, self.sources,
                                                            str(extra.get("device", "cpu"))))
 
@@ -109,9 +123,12 @@ def run_train(ctx: RunContext, start: float) -> int:
 
     spec, arts = ctx.spec, ctx.arts
     assert arts is not None
-    writer = MetricsWriter(arts, ctx.labels)
     if get_agent(spec.agent).algorithm is None:  # the random baseline: no learner, no torch, no policy
+        from rlfleet_agents.metrics import METRICS_CONNECT_AFTER_S
         from rlfleet_agents.random_agent import run_random
+
+        # often a run of a second or two (a smoke test, a queue test): no Ray connection for that
+        writer = MetricsWriter(arts, ctx.labels, ray_connect_after_s=METRICS_CONNECT_AFTER_S)
 
         summary = run_random(spec.env, spec.env_kwargs, spec.seed, spec.budget.steps, spec.budget.minutes,
                              writer.write, lambda: ctx.stop_requested)
@@ -125,9 +142,11 @@ def run_train(ctx: RunContext, start: float) -> int:
         ctx.commit(extra)
         return 0
 
+    writer = MetricsWriter(arts, ctx.labels)
     import numpy as np
 
     from rlfleet_agents.checkpoint import load_latest, save_checkpoint
+    from rlfleet_agents.drift import STATS_FILE, StatsRecorder, compute_stats
     from rlfleet_agents.evaluate import evaluate
     from rlfleet_agents.export import check_parity, export_onnx, sample_observations, sha256
     from rlfleet_agents.policy import OnnxPolicy
@@ -145,8 +164,11 @@ def run_train(ctx: RunContext, start: float) -> int:
         algo.load_state_dict(state)
         resumed_from = {"run_id": src.run_id, "step": algo.global_step}
         print(f"resuming from run {src.run_id} at step {algo.global_step}", flush=True)
+        if src.run_id == ctx.run_id:  # a restart of this run (its supervisor): its rows so far stay
+            writer.carry_over(algo.global_step)
     writer.set_start_step(algo.global_step)
     tb = _tensorboard_log(ctx, algo)
+    ml = _mlflow_log(ctx, algo)
     ckpt_meta = {"agent": spec.agent, "env": spec.env, "run_id": ctx.run_id}
 
     def on_checkpoint(a: Any) -> None:
@@ -155,10 +177,14 @@ def run_train(ctx: RunContext, start: float) -> int:
     def on_row(row: dict[str, Any]) -> None:
         writer.write(row)
         tb.write(row)
+        if ml is not None:
+            ml.write(row)
 
     try:
         res = train(algo, total_steps=algo.total_steps, minutes=spec.budget.minutes, env_kwargs=spec.env_kwargs,
                     on_row=on_row, on_checkpoint=on_checkpoint, should_stop=lambda: ctx.stop_requested)
+        if res.stopped_by == "signal" and ml is not None:
+            ml.end("KILLED")  # first: Ray sends SIGKILL a few seconds after SIGTERM
         save_checkpoint(arts, algo, ckpt_meta)
         if res.stopped_by == "signal":
             writer.close()
@@ -181,10 +207,18 @@ def run_train(ctx: RunContext, start: float) -> int:
         arts.write_bytes("policy.pt", buf.getvalue())
         arts.write_bytes("policy.onnx", onnx_bytes)
         ort_policy = OnnxPolicy(onnx_bytes)
-        final = evaluate(ort_policy.act, spec.env, algo.cfg.eval_episodes, seed=spec.seed + 99_991,
+        recorder = StatsRecorder(ort_policy.act, seed=spec.seed)  # what the exported policy sees and does
+        final = evaluate(recorder, spec.env, algo.cfg.eval_episodes, seed=spec.seed + 99_991,
                          env_kwargs=spec.env_kwargs)
+        arts.write_json(STATS_FILE, compute_stats(
+            *recorder.sample(), action_kind=algo.info.action_kind, n_actions=algo.info.n_actions,
+            order=recorder.order(), seen=recorder.seen,
+            source=f"final evaluation of policy.onnx: {final['episodes']} episodes of {spec.env}, "
+                   f"{min(recorder.seen, recorder.cap)} of {recorder.seen} observations (uniform sample)"))
         writer.close()
+        ctx.check_stop()  # before the trackers record the run as finished
         tb.close(final["mean"], res.global_step)
+        tracked = {"mlflow": ml.close(final["mean"], res.global_step, onnx_bytes)} if ml is not None else {}
         extra = {
             **_common_extra(ctx, start),
             "env_steps": res.global_step,
@@ -200,13 +234,41 @@ def run_train(ctx: RunContext, start: float) -> int:
             "solved_step": res.solved_step,
             "resumed_from": resumed_from,
             "ray_metrics": _ray_metrics_state(writer),
+            **tracked,
         }
         ctx.commit(extra)
+        if ml is not None:
+            ml.end("FINISHED")  # only now: a stop before the commit leaves it KILLED (the finally below)
         print(f"done: {res.global_step} steps in {res.wall_time_s:.1f} s, eval mean {final['mean']:.1f}", flush=True)
         return 0
     finally:
         tb.discard()
+        if ml is not None:  # no-op after close(); else the run stopped or failed
+            ml.end("KILLED" if ctx.stop_requested else "FAILED")
         algo.close()
+
+
+def _hparams(ctx: RunContext, algo: Any) -> dict[str, Any]:
+    """The run's hyperparameters as TensorBoard and MLflow get them: the resolved config, agent, env,
+    seed, and the budget the run trains for (spec.budget.steps over the config's total_steps)."""
+    spec = ctx.spec
+    return {**config_to_dict(algo.cfg), "agent": spec.agent, "env": spec.env, "seed": spec.seed,
+            "total_steps": algo.total_steps}
+
+
+def _mlflow_log(ctx: RunContext, algo: Any) -> Any:
+    """The run's MLflow log when its envelope names a tracking server, else None."""
+    tracking = ctx.envelope.tracking
+    if tracking is None or not tracking.mlflow_uri:
+        return None
+    from rlfleet_agents.mlflowlog import MlflowLog
+
+    sources = ctx.sources or {}
+    tags = {**ctx.spec.tags, "mlflow.runName": ctx.spec.label, "rlfleet.run_id": ctx.run_id,
+            "rlfleet.target": ctx.target, "rlfleet.kit_version": ctx.envelope.kit_version,
+            "rlfleet.code_sha256": str(sources.get("code_sha256") or "none"),
+            "rlfleet.packages_sha256": str(sources.get("packages_sha256"))}
+    return MlflowLog(tracking, _hparams(ctx, algo), tags)
 
 
 def _tensorboard_log(ctx: RunContext, algo: Any) -> Any:
@@ -214,9 +276,7 @@ def _tensorboard_log(ctx: RunContext, algo: Any) -> Any:
     from rlfleet_agents.tblog import TensorBoardLog
 
     spec = ctx.spec
-    # the budget the run trains for (spec.budget.steps) over the config's default total_steps
-    hparams = {**config_to_dict(algo.cfg), "agent": spec.agent, "env": spec.env, "seed": spec.seed,
-               "total_steps": algo.total_steps}
+    hparams = _hparams(ctx, algo)
     sources = ctx.sources or {}
     text = {"rlfleet/kit_version": ctx.envelope.kit_version, "rlfleet/run_id": ctx.run_id,
             "rlfleet/code_sha256": str(sources.get("code_sha256") or "none (no code: directory)"),
@@ -314,9 +374,9 @@ def run_eval(ctx: RunContext, start: float) -> int:
 
 
 def run_deploy(ctx: RunContext, start: float) -> int:
-    from rlfleet_agents.metrics import RayMetrics
     from rlfleet_agents.policy import OnnxPolicy
     from rlfleet_agents.serve import PolicyApp, bind_socket, serve_forever
+    from rlfleet_agents.servemetrics import observer_for_run
 
     src = _open_source(ctx, "deploy")
     spec, arts = ctx.spec, ctx.arts
@@ -326,8 +386,10 @@ def run_deploy(ctx: RunContext, start: float) -> int:
         raise RunError("a deploy run needs its deployment token's sha256 in the envelope; submit it with submit_run()")
     policy = OnnxPolicy(src.read_bytes("policy.onnx"))
     name = spec.deploy.name or spec.name or src.run_id.lower()
-    metrics = RayMetrics(ctx.labels)
-    app = PolicyApp(policy, name, token_sha256, on_request=metrics.record_request)
+    # metrics, drift, audit log: version = the source run, replica = this run (a bare deploy run)
+    observer = observer_for_run(arts, src, policy, run_labels=ctx.labels, deployment=name, version=src.run_id,
+                                replica=ctx.run_id, audit_rate=spec.deploy.audit_rate)
+    app = PolicyApp(policy, name, token_sha256, observer=observer)
     # The node's TLS front (on-prem: set in the Ray unit by ansible, inherited by every job): nginx
     # serves https://<address>:<p> for a server on 127.0.0.1:<p>; plain http stays on loopback.
     front_host = os.environ.get("RLFLEET_SERVE_TLS_ADDRESS", "").strip()
@@ -369,7 +431,10 @@ def run_deploy(ctx: RunContext, start: float) -> int:
                     "policy_sha256": policy.sha256, "endpoint": endpoint, "device": "cpu"})
         print(f"serving {name} at {endpoint['url']}{app.path}", flush=True)
 
-    serve_forever(app, sock, on_started=started)
+    try:
+        serve_forever(app, sock, on_started=started)
+    finally:
+        observer.close()
     print(f"policy server stopped after {app.requests} requests", flush=True)
     return 0
 
@@ -409,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_deploy(ctx, start)
     except KeyboardInterrupt:
         print("rlfleet run interrupted", file=sys.stderr)
+        return EXIT_TERMINATED
+    except Stopped as stop:
+        print(f"rlfleet run {stop}", file=sys.stderr, flush=True)
         return EXIT_TERMINATED
     except (RunError, RlfleetError, EnvelopeError, ValueError, OSError) as err:
         _fail(ctx, str(err))

@@ -10,6 +10,7 @@ sys.path.insert(0, str(_here.parent / "shared"))  # rlfleet_cloud: settings + bo
 sys.path.insert(0, str(_here.parent.parent / "sdk"))
 
 import pulumi  # noqa: E402
+
 from rlfleet_gcp.cluster import RayGpuCluster  # noqa: E402
 from rlfleet_gcp.config import load_settings  # noqa: E402
 

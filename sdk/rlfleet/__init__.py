@@ -21,6 +21,8 @@ _EXPORTS = {
     "list_runs": "rlfleet.runs",
     "reproduce_run": "rlfleet.runs",
     "submit_run": "rlfleet.runs",
+    "resume_sweep": "rlfleet.sweeps",
+    "sweep": "rlfleet.sweeps",
     "RunSpec": "rlfleet.spec",
     "Target": "rlfleet.targets",
     "get_target": "rlfleet.targets",
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from rlfleet.errors import RlfleetError  # noqa: F401
     from rlfleet.runs import Run, RunStatus, get_run, list_runs, reproduce_run, submit_run  # noqa: F401
     from rlfleet.spec import RunSpec  # noqa: F401
+    from rlfleet.sweeps import resume_sweep, sweep  # noqa: F401
     from rlfleet.targets import Target, get_target  # noqa: F401
 
 

@@ -41,6 +41,10 @@ from rlfleet.errors import ArtifactError, IncompleteRunError, StoreUnavailable, 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 METRICS_DIR = "metrics"
+# A policy server's live files, next to its deploy run's committed ones and outside the manifest
+# (rewritten while it serves): its status (drift, counts) and its audit log segments.
+SERVE_STATUS = "serve_status.json"
+AUDIT_DIR = "audit"
 RUNS_DIR = "runs"
 _SEGMENT = re.compile(r"^metrics/(\d+)-(\d+)\.jsonl$")
 T = TypeVar("T")
@@ -274,6 +278,35 @@ class ArtifactStore:
             "and the credentials allow it, then retry."
         )
 
+    def put(self, path: str, data: bytes, what: str) -> None:
+        """Write the file at ``path`` (as the store's filesystem names it) atomically, with retries."""
+        fs = self.fs
+
+        def _put() -> None:
+            if is_local_fs(fs):
+                _write_local_atomic(fs, path, data)
+                return
+            with fs.open(path, "wb") as f:  # one object: visible whole or not at all
+                f.write(data)
+
+        self.retry(what, _put)
+
+    def list_names(self, path: str, what: str) -> list[str]:
+        """The names of the entries of folder ``path`` (as the store's filesystem names it); ``[]``
+        when it does not exist. ``what`` names the listing in a store error. Always a fresh listing:
+        other processes and machines write these folders (s3fs and gcsfs cache listings, so a
+        long-lived reader such as a deployment's controller would never see a new state)."""
+        fs = self.fs
+
+        def _ls() -> list[str]:
+            fs.invalidate_cache(path)
+            try:
+                return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+            except FileNotFoundError:
+                return []
+
+        return list(self.retry(what, _ls))
+
     def run(self, run_id: str) -> RunArtifacts:
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise ArtifactError(f"invalid run id {run_id!r}")
@@ -332,17 +365,7 @@ class RunArtifacts:
 
     def _put(self, rel: str, data: bytes) -> None:
         """Write one file atomically (see the module doc), with the store's retries."""
-        path = self.path(rel)
-        fs = self.store.fs
-
-        def _put() -> None:
-            if is_local_fs(fs):
-                _write_local_atomic(fs, path, data)
-                return
-            with fs.open(path, "wb") as f:  # one object: visible whole or not at all
-                f.write(data)
-
-        self.store.retry(f"write {rel} of run {self.run_id}", _put)
+        self.store.put(self.path(rel), data, f"write {rel} of run {self.run_id}")
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
@@ -378,6 +401,10 @@ class RunArtifacts:
             return self.store.retry(f"read {rel} of run {self.run_id}", lambda: self.store.fs.cat_file(path))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactError(f"run {self.run_id} has no {rel} (looked in {self.uri})") from None
+
+    def read_live(self, rel: str) -> bytes:
+        """A file a live run writes outside its manifest (SERVE_STATUS, AUDIT_DIR/): read, unchecked."""
+        return self._read_raw(rel)
 
     def exists(self, rel: str) -> bool:
         path = self.path(rel)
@@ -487,15 +514,8 @@ class RunArtifacts:
     def _segment_rows(self, start: int) -> Iterator[dict[str, Any]]:
         base = self.store._path(RUNS_DIR, self.run_id, METRICS_DIR)
         fs = self.store.fs
-
-        def _ls() -> list[str]:
-            try:
-                return [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)]
-            except FileNotFoundError:
-                return []
-
         segments = []
-        for name in self.store.retry(f"list the metrics of run {self.run_id}", _ls):
+        for name in self.store.list_names(base, f"list the metrics of run {self.run_id}"):
             m = _SEGMENT.match(f"{METRICS_DIR}/{name}")
             if m:
                 segments.append((int(m.group(1)), int(m.group(2)), f"{METRICS_DIR}/{name}"))

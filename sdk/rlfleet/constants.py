@@ -19,6 +19,8 @@ AWS_TAG_MANAGED = "rlfleet:managed"
 GCP_LABEL_STACK = "rlfleet-stack"
 GCP_LABEL_MANAGED = "rlfleet-managed"
 GCP_LABEL_ROLE = "rlfleet-role"
+# the stack id as a label of every series a node scrapes (Prometheus label names take no "-")
+PROM_LABEL_STACK = "rlfleet_stack"
 MANAGED_VALUE = "true"
 
 # -- ports ------------------------------------------------------------------------------------

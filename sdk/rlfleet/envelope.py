@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rlfleet.errors import RlfleetError
+from rlfleet.errors import RlfleetError, SpecError
 from rlfleet.spec import RunSpec
+from rlfleet.tracking import Tracking
 
 ENV_VAR = "RLFLEET_ENVELOPE"
 SCHEMA = 1
@@ -36,6 +37,21 @@ def kit_version() -> str:
         from rlfleet import __version__
 
         return __version__
+
+
+def _unknown_fields(model: type[BaseModel], data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the keys in ``data`` that ``model`` (and its nested models) does not declare."""
+    found = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            found.append(prefix + str(key))
+        elif isinstance(value, Mapping):
+            nested = [t for t in (field.annotation, *get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)]  # Model or Model | None
+            if nested:
+                found += _unknown_fields(nested[0], value, f"{prefix}{key}.")
+    return found
 
 
 class EnvelopeError(RlfleetError):
@@ -64,6 +80,8 @@ class RunEnvelope(BaseModel):
         default=None, pattern=r"^[0-9a-f]{64}$", description="deploy: sha256 of the deployment's own bearer token"
     )
     reproduces: str | None = Field(default=None, description="train: id of the run this one re-runs (same spec)")
+    tracking: Tracking | None = Field(default=None, description="train: the MLflow server to log to (spec's, else "
+                                      "the target's)")
 
     def to_env(self) -> dict[str, str]:
         return {ENV_VAR: self.model_dump_json()}
@@ -86,11 +104,20 @@ class RunEnvelope(BaseModel):
                 "submit from the kit version the cluster was provisioned with, or re-provision the "
                 "cluster from this checkout ('rlfleet up <target>')"
             )
+        unknown = _unknown_fields(cls, data)
+        if unknown:  # a newer checkout that kept the version string: say so, not "malformed"
+            raise EnvelopeError(
+                f"this run carries fields the cluster's rlfleet {mine} does not know ({', '.join(unknown)}): "
+                "the cluster was provisioned from an older checkout of this version; re-provision it from this "
+                "checkout ('rlfleet up <target>') or submit from the checkout it was provisioned with"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as err:
             fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in err.errors())
             raise EnvelopeError(f"{ENV_VAR} is malformed ({fields})") from None
+        except SpecError as err:
+            raise EnvelopeError(f"{ENV_VAR} is malformed ({err})") from None
 
     @property
     def labels(self) -> dict[str, str]:

@@ -114,6 +114,10 @@ class JobsClient:
         return json.loads(data) if data else None
 
     # -- API ----------------------------------------------------------------------------------
+    def get_json(self, path: str) -> Any:
+        """GET one of the dashboard's read-only APIs (``/api/v0/nodes``, ``/api/v0/actors?...``); None on 404."""
+        return self._json("GET", path)
+
     def version(self, timeout: float | None = None) -> dict[str, Any]:
         return self._json("GET", "/api/version", timeout=timeout) or {}
 
@@ -158,6 +162,23 @@ class JobsClient:
         if out is None:
             raise RunNotFound(f"no run {submission_id!r} on target {self.target_name!r}")
         return bool(out.get("stopped"))
+
+    def delete(self, submission_id: str) -> bool:
+        """Forget a terminal job (its id can then be submitted again); False if there was none."""
+        status, _ = self._request("DELETE", f"/api/jobs/{submission_id}", ok404=True)
+        return status != 404
+
+    def cluster_resources(self) -> dict[str, float]:
+        """The resources the cluster's ALIVE nodes declare, summed (CPU, GPU, custom ones)."""
+        out = self._json("GET", "/nodes?view=summary") or {}
+        total: dict[str, float] = {}
+        for node in (out.get("data") or {}).get("summary") or []:
+            raylet = node.get("raylet") or {}
+            if raylet.get("state") != "ALIVE":
+                continue
+            for k, v in (raylet.get("resourcesTotal") or {}).items():
+                total[k] = total.get(k, 0.0) + float(v)
+        return total
 
     def logs(self, submission_id: str) -> str:
         out = self._json("GET", f"/api/jobs/{submission_id}/logs", ok404=True)

@@ -33,7 +33,12 @@ def local_state_file() -> Path:
 
 def read_local_state() -> dict[str, Any]:
     """The running local head's recorded state (ports, pids, isolation); ``{}`` when there is none."""
+    return read_record(local_state_file())
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON record the local target keeps (state, supervisor); ``{}`` when missing or unreadable."""
     try:
-        return dict(json.loads(local_state_file().read_text()))
+        return dict(json.loads(path.read_text()))
     except (FileNotFoundError, ValueError):
         return {}

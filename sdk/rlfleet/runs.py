@@ -14,17 +14,20 @@ from enum import Enum
 from typing import Any
 
 from rlfleet.artifacts import ArtifactStore
-from rlfleet.errors import ArtifactError, IncompleteRunError, RlfleetError, RunFailed
+from rlfleet.errors import ArtifactError, IncompleteRunError, RlfleetError, RunFailed, RunNotFound, SpecError
 from rlfleet.provisioners import registry
 from rlfleet.spec import Kind, RunSpec
 from rlfleet.stored_run import DAMAGED, StoredRun, open_stored_run, read_stored_run
 from rlfleet.targets import Target, get_target
+from rlfleet.tracking import effective_tracking
 
 ENTRYPOINT = "python -m rlfleet_agents.run"
 META_PREFIX = "rlfleet_"
 
 
 class RunStatus(str, Enum):
+    QUEUED = "QUEUED"  # in the target's run queue, not a Ray job yet
+    RESTARTING = "RESTARTING"  # a managed run whose job failed for an infrastructure reason: resubmitted soon
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
@@ -36,6 +39,9 @@ class RunStatus(str, Enum):
 
 
 _FROM_RAY = {
+    "QUEUED": RunStatus.QUEUED,
+    "RESTARTING": RunStatus.RESTARTING,
+    "CANCELLED": RunStatus.CANCELLED,
     "PENDING": RunStatus.PENDING,
     "RUNNING": RunStatus.RUNNING,
     "SUCCEEDED": RunStatus.SUCCEEDED,
@@ -72,7 +78,8 @@ class Endpoint:
         return self.url.rstrip("/") + self.path
 
 
-def _client(target: Target) -> Any:
+def jobs_client(target: Target) -> Any:
+    """A Jobs API client of ``target``'s Ray cluster (its token, its CA)."""
     from rlfleet.jobs import JobsClient
 
     return JobsClient(target.ray_address, target.token(), target_name=target.name, ca_cert=target.ca_cert)
@@ -107,9 +114,22 @@ class Run:
         return f"Run({self.run_id!r}, target={self.target.name!r})"
 
     # -- state --------------------------------------------------------------------------------
+    def job_record(self) -> dict[str, Any]:
+        """The run's Ray job record as last read (fetched if not read yet)."""
+        return self._job(refresh=False)
+
     def _job(self, refresh: bool = True) -> dict[str, Any]:
         if refresh or self._info is None:
-            self._info = _client(self.target).get(self.run_id)
+            try:
+                info = jobs_client(self.target).get(self.run_id)
+            except RunNotFound:  # not a Ray job (yet, or any more): the target's run queue knows it
+                queued = _queue_view(self.target, self.run_id)
+                if queued is None:
+                    raise
+                info = queued
+            else:
+                info = _managed_view(self.target, self.run_id, info)
+            self._info = info
         return self._info
 
     @property
@@ -164,6 +184,9 @@ class Run:
             "spec_hash": md.get(META_PREFIX + "spec_hash"),
             "user": md.get(META_PREFIX + "user"),
             "message": job.get("message") or "",
+            **{k: job[k] for k in ("position", "restarts", "priority") if job.get(k) is not None},
+            # each restart: the failed attempt, why, when, and the node it ran on (state DEAD: lost)
+            **({"restart_history": job["restart_history"]} if job.get("restart_history") else {}),
         }
 
     def wait(
@@ -217,17 +240,29 @@ class Run:
     def logs(self, follow: bool = False) -> Any:
         if follow:
             return self._follow()
-        return _client(self.target).logs(self.run_id)
+        return self._ray_logs()
+
+    def _ray_logs(self) -> str:
+        """The current attempt's log; empty while the run waits in the target's queue (no Ray job
+        yet, or between a supervisor's restarts). RunNotFound if neither Ray nor the queue knows it."""
+        try:
+            return jobs_client(self.target).logs(self.run_id)
+        except RunNotFound:
+            if _queue_view(self.target, self.run_id) is None:
+                raise
+            return ""
 
     def _follow(self, poll: float = 0.5) -> Iterator[str]:
         seen = 0
         while True:
-            text = _client(self.target).logs(self.run_id)
+            text = self._ray_logs()
+            if len(text) < seen:  # a new attempt (the supervisor resubmitted the run): its log anew
+                seen = 0
             if len(text) > seen:
                 yield text[seen:]
                 seen = len(text)
             if self.status().is_terminal():
-                text = _client(self.target).logs(self.run_id)
+                text = self._ray_logs()
                 if len(text) > seen:
                     yield text[seen:]
                 return
@@ -265,11 +300,19 @@ class Run:
         """Stop the run (and its deployment, revoking its token). Idempotent: False if it had already ended."""
         from rlfleet.tokens import revoke_deploy_token
 
-        if self.status().is_terminal():
+        st = self.status()
+        if st.is_terminal():
             revoke_deploy_token(self.run_id)
             return False
+        if st in (RunStatus.QUEUED, RunStatus.RESTARTING) or registry.supervised(self.target):
+            from rlfleet.runqueue import QueueStore
+
+            QueueStore(self.target.store()).request_cancel(self.run_id)  # the supervisor honours it
+            registry.nudge_supervisor(self.target)
+            if st in (RunStatus.QUEUED, RunStatus.RESTARTING):
+                return True
         self._stopping = True
-        stopped = bool(_client(self.target).stop(self.run_id))
+        stopped = bool(jobs_client(self.target).stop(self.run_id))
         revoke_deploy_token(self.run_id)
         return stopped
 
@@ -332,8 +375,14 @@ def _submit(spec: RunSpec, tgt: Target, packages: list[str] | None, *, reproduce
             code_archive: bytes | None = None) -> Run:
     from rlfleet import preflight
     from rlfleet.envelope import RunEnvelope
+    from rlfleet.runqueue import runner_cpus
 
-    client = _client(tgt)
+    if spec.max_restarts and not registry.supervised(tgt):
+        raise SpecError(f"max_restarts: {registry.supervisor_missing(tgt)}")
+    client = jobs_client(tgt)
+    from rlfleet.placement import check_fits
+
+    check_fits(spec, tgt, client)  # more GPUs than any node of a fixed-size cluster: refused here
     env_from_source = False
     if spec.source:
         src_spec = _read_source(tgt, spec.source, spec.kind)
@@ -362,6 +411,7 @@ def _submit(spec: RunSpec, tgt: Target, packages: list[str] | None, *, reproduce
         serve_ports=tgt.serve_ports,
         serve_token_sha256=serve_token_sha256,
         reproduces=reproduces,
+        tracking=effective_tracking(spec.tracking, tgt.tracking),
     )
     env_vars = {**tgt.env_vars, **envelope.to_env(), "PYTHONUNBUFFERED": "1"}
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
@@ -382,19 +432,19 @@ def _submit(spec: RunSpec, tgt: Target, packages: list[str] | None, *, reproduce
         META_PREFIX + "target": tgt.name,
         META_PREFIX + "kit_version": envelope.kit_version,
         META_PREFIX + "cpus": str(spec.resources.cpus),
+        META_PREFIX + "runner_cpus": str(runner_cpus(spec)),  # its env runners' (the queue counts them)
         META_PREFIX + "gpus": str(spec.resources.gpus),
         META_PREFIX + "submitted_ms": str(int(time.time() * 1000)),
+        META_PREFIX + "priority": str(spec.priority),
+        META_PREFIX + "max_restarts": str(spec.max_restarts),
     }
+    job = {"entrypoint": ENTRYPOINT, "runtime_env": runtime_env, "metadata": metadata,
+           "num_cpus": spec.resources.cpus, "num_gpus": spec.resources.gpus, "resources": _placement(tgt, spec)}
     try:
-        client.submit(
-            submission_id=run_id,
-            entrypoint=ENTRYPOINT,
-            runtime_env=runtime_env,
-            metadata=metadata,
-            num_cpus=spec.resources.cpus,
-            num_gpus=spec.resources.gpus,
-            resources=_placement(tgt, spec),
-        )
+        if registry.supervised(tgt):
+            _enqueue(tgt, run_id, spec, job)
+        else:
+            client.submit(submission_id=run_id, **job)
     except BaseException:
         if serve_token_sha256:
             from rlfleet.tokens import revoke_deploy_token
@@ -402,6 +452,68 @@ def _submit(spec: RunSpec, tgt: Target, packages: list[str] | None, *, reproduce
             revoke_deploy_token(run_id)
         raise
     return Run(run_id, tgt, spec=spec)
+
+
+def _enqueue(tgt: Target, run_id: str, spec: RunSpec, job: dict[str, Any]) -> None:
+    """Write the run into the target's durable queue (the commit point of a submission), then wake
+    the supervisor, which makes it a Ray job as soon as it fits."""
+    from rlfleet.runqueue import QueueStore, Request, run_cpus
+
+    req = Request(run_id=run_id, priority=spec.priority, submitted_ns=time.time_ns(), user=_user(),
+                  cpus=run_cpus(spec), gpus=spec.resources.gpus, max_restarts=spec.max_restarts, job=job)
+    QueueStore(tgt.store()).put_request(req)
+    registry.nudge_supervisor(tgt)
+
+
+def _queue_view(tgt: Target, run_id: str) -> dict[str, Any] | None:
+    """A job-like record of a run the Ray head does not know: queued, restarting, or ended and
+    forgotten by Ray (head restarted). None if the queue never saw it (or cannot be read)."""
+    if not registry.may_queue(tgt):
+        return None
+    from rlfleet.runqueue import QueueStore, position
+
+    try:
+        q = QueueStore(tgt.store())
+        req, st = q.request(run_id), q.state(run_id) or {}
+    except (RlfleetError, OSError):
+        return None  # a store this machine cannot read: as without a queue
+    if req is None and not st:
+        return None
+    status = st.get("status", "QUEUED")
+    if status == "DISPATCHED":
+        status = "PENDING"
+    view: dict[str, Any] = {
+        "submission_id": run_id, "status": status, "message": st.get("message", ""),
+        "metadata": (req.job["metadata"] if req else st.get("metadata")) or {},
+        "runtime_env": req.job["runtime_env"] if req else {}, "restarts": st.get("restarts", 0),
+        "restart_history": st.get("history") or [],
+    }
+    if status == "QUEUED":
+        view["position"] = position(q.waiting(), run_id)
+    return view
+
+
+def _managed_view(tgt: Target, run_id: str, job: dict[str, Any]) -> dict[str, Any]:
+    """A Ray job of a run with max_restarts: its restarts, and RESTARTING (not FAILED) while the
+    supervisor still holds its request (it will resubmit it)."""
+    md = job.get("metadata") or {}
+    managed = int(md.get(META_PREFIX + "max_restarts", 0) or 0)
+    if not managed and (job.get("status") != "FAILED" or not registry.supervised(tgt)):
+        return job
+    from rlfleet.runqueue import QueueStore
+
+    q = QueueStore(tgt.store())
+    req = q.request(run_id)
+    if not managed and (req is None or not req.max_restarts):
+        return job  # (a FAILED record without our metadata: Ray rewrites a restarted run's old job)
+    st = q.state(run_id) or {}
+    job = {**job, "restarts": st.get("restarts", 0), "restart_history": st.get("history") or []}
+    if job.get("status") == "FAILED" and req is not None:
+        job["status"] = "RESTARTING"
+    elif job.get("status") == "FAILED" and st.get("status") == "SUCCEEDED":
+        # killed after its manifest was committed: the supervisor ruled the run done
+        job["status"], job["message"] = "SUCCEEDED", st.get("message", "")
+    return job
 
 
 def _placement(tgt: Target, spec: RunSpec) -> dict[str, float] | None:
@@ -462,18 +574,28 @@ def _spec_or_none(stored: StoredRun) -> RunSpec | None:
 
 
 def get_run(run_id: str, target: str | Target | None = None) -> Run:
-    tgt = get_target(target)
-    info = _client(tgt).get(run_id)
-    return Run(run_id, tgt, info=info)
+    run = Run(run_id, get_target(target))
+    run._job()  # RunNotFound unless Ray or the target's run queue knows it
+    return run
 
 
 def list_runs(target: str | Target | None = None) -> list[Run]:
     """rlfleet runs on the target's cluster, newest first."""
     tgt = get_target(target)
-    jobs = _client(tgt).list()
+    jobs = jobs_client(tgt).list()
     runs = [
         Run(j["submission_id"], tgt, info=j)
         for j in jobs
         if (j.get("metadata") or {}).get(META_PREFIX + "run_id") and j.get("submission_id")
     ]
-    return sorted(runs, key=lambda r: r.run_id, reverse=True)
+    queued: list[Run] = []
+    if registry.supervised(tgt):
+        from rlfleet.runqueue import QueueStore
+
+        known = {r.run_id for r in runs}
+        for pos, req in enumerate(QueueStore(tgt.store()).waiting(), 1):
+            if req.run_id not in known:
+                info = {"submission_id": req.run_id, "status": "QUEUED", "metadata": req.job["metadata"],
+                        "runtime_env": req.job["runtime_env"], "position": pos, "priority": req.priority}
+                queued.append(Run(req.run_id, tgt, info=info))
+    return queued + sorted(runs, key=lambda r: r.run_id, reverse=True)

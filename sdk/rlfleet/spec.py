@@ -23,6 +23,7 @@ from rlfleet.agent_catalog import AGENTS
 from rlfleet.agent_config import validate_agent_config
 from rlfleet.constants import run_label
 from rlfleet.errors import SpecError
+from rlfleet.tracking import Tracking
 
 if TYPE_CHECKING:
     AgentName = str
@@ -79,6 +80,9 @@ class DeployOptions(_Frozen):
     name: _SlugName = Field(default=None, description="policy name in the URL; default: the run's name")
     port: int | None = Field(default=None, ge=1024, le=65535, description="default: a free port")
     host: str = Field(default="127.0.0.1", description="address the policy server binds on its node")
+    audit_rate: float = Field(default=0.01, ge=0.0, le=1.0,
+                              description="fraction of answered requests kept in the audit log (audit/*.jsonl "
+                              "in the deploy run's artifacts); 0 turns it off")
 
 
 # The text formats a spec is read from: loader, the error it raises, that error on one line.
@@ -119,6 +123,17 @@ class RunSpec(_Frozen):
     eval: EvalOptions = Field(default_factory=EvalOptions)
     deploy: DeployOptions = Field(default_factory=DeployOptions)
     tags: dict[str, str] = Field(default_factory=dict)
+    tracking: Tracking = Field(default_factory=Tracking, description="train: an MLflow server to log to "
+                               "(overrides the target's tracking)")
+    priority: int = Field(
+        default=0, ge=0, le=1000,
+        description="queue order on a supervised target: higher goes first, then submission time",
+    )
+    max_restarts: int = Field(
+        default=0, ge=0, le=100,
+        description="train: times the supervisor resubmits the run from its last checkpoint after an "
+        "infrastructure failure (node lost, trainer killed); user errors never restart",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -170,6 +185,8 @@ class RunSpec(_Frozen):
                 raise ValueError("resume_from: only train runs can resume")
         elif self.source:
             raise ValueError("source: train runs start from scratch; to continue one use resume_from=<run id>")
+        if self.max_restarts and self.kind is not Kind.TRAIN:
+            raise ValueError(f"max_restarts: only train runs restart from a checkpoint, not {self.kind.value} runs")
         local_reqs = isinstance(self.requirements, list) and any(r.startswith("./") for r in self.requirements)
         if (isinstance(self.requirements, str) or local_reqs) and self.code is None:
             raise ValueError("requirements: a requirements file is read from the run's code directory; give code=<dir>")

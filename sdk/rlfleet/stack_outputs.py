@@ -23,6 +23,7 @@ from rlfleet.constants import (  # noqa: F401 - re-exported: the programs and te
     PORT_RAY_GCS,
     PORT_RAY_METRICS,
     PORT_SSH,
+    PROM_LABEL_STACK,
     SERVE_PORTS_DEFAULT,
     slug,
 )
@@ -64,6 +65,18 @@ RAY_RESOURCE_SERVE_FRONT = "rlfleet_serve_front"
 METRIC_EPISODE_RETURN = "ray_rlfleet_episode_return"
 METRIC_STEPS_PER_SECOND = "ray_rlfleet_steps_per_second"
 METRIC_ENV_STEPS_TOTAL = "ray_rlfleet_env_steps_total"
+METRIC_SERVE_REQUESTS_TOTAL = "ray_rlfleet_serve_requests_total"
+METRIC_SERVE_ERRORS_TOTAL = "ray_rlfleet_serve_errors_total"
+METRIC_SERVE_LATENCY = "ray_rlfleet_serve_latency_seconds"
+METRIC_SERVE_DRIFT_PSI = "ray_rlfleet_serve_drift_psi"
+METRIC_SERVE_ACTION_SHIFT = "ray_rlfleet_serve_action_shift"
+METRIC_SERVE_DRIFT_SCORE = "ray_rlfleet_serve_drift_score"
+# PSI over a policy server's sliding window: the floor of every feature's alert level (its level is
+# calibrated at export from the run's own episodes, rlfleet_agents.drift.calibrate) and the action
+# shift's alarm threshold; rlfleet_agents.drift.PSI_ALERT is this value (measured: docs/serving.md).
+SERVE_DRIFT_PSI_ALERT = 0.2
+# The feature drift alarm's threshold on the drift score (a feature's PSI / its alert level).
+SERVE_DRIFT_SCORE_ALERT = 1.0
 
 # Where the head publishes its CA certificate, relative to the artifact bucket.
 CA_CERT_OBJECT = "rlfleet/cluster/head-ca.pem"

@@ -39,6 +39,7 @@ from rlfleet.errors import AuthError, ConfigError, TargetNotFound
 from rlfleet.paths import local_token_path, read_local_state, rlfleet_home
 from rlfleet.provisioners.refs import LocalRef, NoRef, ProvisionerRef, upgrade_old_mapping
 from rlfleet.provisioners.registry import TargetKind, check_ref
+from rlfleet.tracking import SECRET_ENV, Tracking
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _NAME_RULE = "target names are 1-63 lowercase letters, digits, '-' and '_', starting with a letter or digit"
@@ -68,6 +69,7 @@ class Target(BaseModel):
     serve_ports: tuple[int, ...] = Field(
         default=(), description="ports a deploy run may bind on its node (default: any free port)"
     )
+    tracking: Tracking | None = Field(default=None, description="MLflow server the target's train runs log to")
 
     @field_validator("name")
     @classmethod
@@ -105,6 +107,10 @@ class Target(BaseModel):
         if node_owned:
             raise ValueError(f"{', '.join(node_owned)} is set on the node by its TLS front (ansible tls_front), "
                              "never by the submitting machine; remove it from env_vars")
+        secret = sorted(k for k in v if k in SECRET_ENV)
+        if secret:
+            raise ValueError(f"{', '.join(secret)} is a credential and Ray shows env_vars to anyone who can list "
+                             "jobs; set it in the environment of the cluster's nodes instead")
         return v
 
     @field_validator("token_source")

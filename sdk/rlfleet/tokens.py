@@ -27,6 +27,11 @@ def _path(run_id: str) -> Path:
     return rlfleet_home() / "tokens" / f"deploy-{run_id}"
 
 
+def _deployment_key(name: str) -> str:
+    """Named deployments (rlfleet.deployments) keep one token per name, beside the deploy runs' tokens."""
+    return f"deployment-{name}"
+
+
 def new_deploy_token(run_id: str) -> str:
     """Make and store the token of deploy run ``run_id``; returns its sha256 for the envelope."""
     path = _path(run_id)
@@ -53,3 +58,20 @@ def deploy_token(run_id: str) -> str:
 def revoke_deploy_token(run_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         _path(run_id).unlink()
+
+
+def new_deployment_token(name: str) -> str:
+    """Make and store the token of the named deployment ``name``; returns its sha256 (the registry's copy)."""
+    return new_deploy_token(_deployment_key(name))
+
+
+def deployment_token(name: str) -> str:
+    return deploy_token(_deployment_key(name))
+
+
+def has_deployment_token(name: str) -> bool:
+    return _path(_deployment_key(name)).is_file()
+
+
+def revoke_deployment_token(name: str) -> None:
+    revoke_deploy_token(_deployment_key(name))

@@ -72,14 +72,18 @@ def runner(tmp_path: Path) -> Runner:
 
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
-    """One solved PPO CartPole run (through the real entrypoint), shared by eval/serve tests."""
+    """One solved PPO CartPole run (through the real entrypoint), shared by eval/serve tests. Its
+    rollout and update shape are spelled out (the CartPole defaults before e2f34ad), not taken from
+    the defaults: the drift tests' calibrated levels and figures belong to this policy, and tuning
+    the defaults for sample efficiency must not change what they measure."""
     root = tmp_path_factory.mktemp("trained") / "root"
     root.mkdir()
     r = Runner(root)
     t0 = time.monotonic()
     out = r.run("ppo-cp", {"kind": "train", "agent": "ppo", "env": "CartPole-v1", "seed": 4,
                            "budget": {"steps": 60_000},
-                           "config": {"eval_every": 10_000, "stop_at_return": 475}})
+                           "config": {"eval_every": 10_000, "stop_at_return": 475, "num_envs": 32,
+                                      "num_steps": 64, "update_epochs": 4, "num_minibatches": 4}})
     assert out.returncode == 0, out.stderr
     print(f"trained ppo-cp in {time.monotonic() - t0:.1f} s")
     yield r

@@ -118,6 +118,25 @@ def test_sigterm_checkpoints_and_exits_without_manifest(runner) -> None:
     assert (runner.run_dir("term") / "metrics.jsonl").read_text().count("\n") >= 2
 
 
+def test_sigterm_after_training_still_commits_nothing(runner) -> None:
+    """A stop that lands after the training loop (export, final evaluation) is still a stop: the run
+    exits 143 with its checkpoint and no manifest, so a cancelled run never reads as complete (a
+    sweep's pruned trial did, once: CANCELLED with a committed manifest)."""
+    spec = {"kind": "train", "agent": "ppo", "budget": {"steps": 2048}, "config": {"eval_episodes": 400}}
+    proc = runner.start("late-term", spec)
+    onnx = runner.run_dir("late-term") / "policy.onnx"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not onnx.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    assert onnx.exists() and proc.poll() is None, "the run never reached its export"
+    proc.send_signal(signal.SIGTERM)  # during the 400-episode final evaluation
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert not (runner.run_dir("late-term") / "manifest.json").exists()
+    assert (runner.run_dir("late-term") / "checkpoints" / "latest.json").exists()
+    assert "stopped before its commit" in err
+
+
 def test_eval_run_and_compare(trained_root) -> None:
     r = trained_root
     out = r.run("rnd-base", {"kind": "train", "agent": "random", "budget": {"steps": 1000}})

@@ -9,8 +9,6 @@ import json
 from functools import cache
 from typing import Any
 
-from rlfleet_cloud.settings import world_open_reason
-
 from rlfleet.stack_outputs import (
     AWS_TAG_MANAGED,
     AWS_TAG_STACK,
@@ -19,6 +17,8 @@ from rlfleet.stack_outputs import (
     GCP_LABEL_STACK,
     SERVE_PORTS_DEFAULT,
 )
+from rlfleet_cloud.settings import world_open_reason
+
 
 @cache
 def accepts(typ: str, param: str) -> bool:

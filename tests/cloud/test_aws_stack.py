@@ -139,7 +139,8 @@ def test_monitoring_alarms_and_dashboard(aws: Built) -> None:
     alarms = {r.name.split("rlfleet-dev-mon-")[1]: r.inputs for r in aws.of("aws:cloudwatch/metricAlarm:MetricAlarm")}
     assert set(alarms) == {f"{n}-{kind}" for n in ("head", "worker-0", "worker-1")
                            for kind in ("unhealthy", "disk-full")} | {"head-idle-stop", "worker-0-gpu-idle-stop",
-                                                                      "worker-1-gpu-idle-stop"}
+                                                                      "worker-1-gpu-idle-stop",
+                                                                      "serve-drift", "serve-action-shift"}
     gpu = alarms["worker-0-gpu-idle-stop"]
     assert gpu["metricName"] == "nvidia_smi_utilization_gpu" and gpu["namespace"] == "CWAgent"
     assert gpu["period"] * gpu["evaluationPeriods"] == 30 * 60
@@ -150,10 +151,30 @@ def test_monitoring_alarms_and_dashboard(aws: Built) -> None:
     assert f"arn:aws:swf:us-east-1:{ACCOUNT}:action/actions/AWS_EC2.InstanceId.Reboot/1.0" in \
         alarms["worker-1-unhealthy"]["alarmActions"]
     assert alarms["head-disk-full"]["threshold"] == 90
-    body = aws.one("aws:cloudwatch/dashboard:Dashboard").inputs["dashboardBody"]
+    # drift: any deployment's feature score (PSI / its level calibrated at export: alert above 1, as the
+    # server's) and action shift (PSI over the threshold the drift test measured)
+    from rlfleet_agents.drift import PSI_ALERT
+
+    topic = aws.one("aws:sns/topic:Topic").state["arn"]
+    for suffix, metric, dims, thr in (
+            ("serve-drift", "ray_rlfleet_serve_drift_score", "deployment, feature, version", 1.0),
+            ("serve-action-shift", "ray_rlfleet_serve_action_shift", "deployment, version", PSI_ALERT)):
+        a = alarms[suffix]
+        assert a["threshold"] == thr and a["comparisonOperator"] == "GreaterThanThreshold"
+        assert a["alarmActions"] == [topic] and a["treatMissingData"] == "notBreaching"
+        (q,) = a["metricQueries"]
+        assert q["expression"] == 'SELECT MAX("' + metric + '") FROM SCHEMA("rlfleet/dev", ' + dims + ")"  # noqa: S608
+        assert q["returnData"] and q["period"] == 60
+        assert "metricName" not in a  # a query alarm, not a single-series one
+    body = json.loads(aws.one("aws:cloudwatch/dashboard:Dashboard").inputs["dashboardBody"])
+    text = json.dumps(body)
     for name in ("ray_rlfleet_episode_return", "ray_rlfleet_steps_per_second", "nvidia_smi_utilization_gpu",
-                 "nvidia_smi_utilization_memory", "StatusCheckFailed", "disk_used_percent"):
-        assert name in body
+                 "nvidia_smi_utilization_memory", "StatusCheckFailed", "disk_used_percent",
+                 "ray_rlfleet_serve_requests_total", "ray_rlfleet_serve_errors_total", "ray_rlfleet_serve_drift_psi",
+                 "ray_rlfleet_serve_action_shift", "ray_rlfleet_serve_drift_score"):
+        assert name in text, name
+    drift_widget = next(w for w in body["widgets"] if w["properties"]["title"].startswith("Drift: PSI"))
+    assert "{rlfleet/dev,deployment,version,feature}" in drift_widget["properties"]["metrics"][0][0]["expression"]
     assert aws.one("aws:cloudwatch/logGroup:LogGroup").inputs["name"] == "/rlfleet/dev"
     assert aws.outputs[so.OUTPUT_DASHBOARD_URL].endswith("#dashboards:name=rlfleet-dev")
 

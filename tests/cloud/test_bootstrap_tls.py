@@ -13,6 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
 from rlfleet_cloud.bootstrap import NodeParams, aws_cloud_config, render_bootstrap
 from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import parse_settings
@@ -57,7 +58,14 @@ def test_bootstrap_embeds_valid_agent_configs_and_refuses_quotes() -> None:
     start = aws.index("cwagent.json <<'CFGEOF'\n") + len("cwagent.json <<'CFGEOF'\n")
     cw = json.loads(aws[start:aws.index("CFGEOF", start)])
     assert "nvidia_gpu" in cw["metrics"]["metrics_collected"]
-    assert cw["logs"]["logs_collected"]["prometheus"]["emf_processor"]["metric_namespace"] == "rlfleet/dev"
+    emf = cw["logs"]["logs_collected"]["prometheus"]["emf_processor"]
+    assert emf["metric_namespace"] == "rlfleet/dev"
+    # the policy servers' metrics reach CloudWatch with the dimensions the drift alarm's query reads
+    by_dims = {json.dumps(d["dimensions"]): d["metric_selectors"] for d in emf["metric_declaration"]}
+    assert by_dims['[["deployment", "version", "feature"]]'] == ["^ray_rlfleet_serve_drift_psi$",
+                                                                 "^ray_rlfleet_serve_drift_score$"]
+    assert "^ray_rlfleet_serve_action_shift$" in by_dims['[["deployment", "version"], ["deployment", "version", '
+                                                         '"replica"]]']
     s = parse_settings("aws", {"admin_cidrs": "203.0.113.0/24"}.get, stack="dev")
     with pytest.raises(ValueError, match="quote or newline"):
         render_bootstrap(s, NodeParams(role="head", region="x", project="", secret_ref="a'; rm -rf /",

@@ -52,3 +52,15 @@ def test_ray_usage_stats_are_off(cloud: str, role: str) -> None:
     assert m, "no /etc/rlfleet/ray.env in the rendered bootstrap"
     assert "RAY_USAGE_STATS_ENABLED=0" in m.group(1).splitlines()
     assert "EnvironmentFile=/etc/rlfleet/ray.env" in _ray_unit(cloud, role)
+
+
+def test_gcp_nodes_label_every_scraped_series_with_the_stack_id() -> None:
+    """Managed Prometheus keeps no VM labels: the stack's alert policies and charts select its
+    series by the label the Ops Agent's scrape adds (before, a drift alert of one stack fired on
+    every stack's deployments in the project)."""
+    from rlfleet.stack_outputs import PROM_LABEL_STACK
+    from rlfleet_cloud.bootstrap import ops_agent_config
+
+    (target,) = ops_agent_config("dev-0123456789ab")["metrics"]["receivers"]["ray_prometheus"]["config"][
+        "scrape_configs"][0]["static_configs"]
+    assert target["labels"] == {PROM_LABEL_STACK: "dev-0123456789ab"}

@@ -117,7 +117,8 @@ def test_secret_and_outputs(gcp: Built) -> None:
 
 def test_alerts_idle_stop_function_and_dashboard(gcp: Built) -> None:
     pols = {r.name.split("rlfleet-dev-mon-")[1]: r.inputs for r in gcp.of("gcp:monitoring/alertPolicy:AlertPolicy")}
-    assert set(pols) == {"gpu-idle-stop", "head-idle-stop", "unhealthy", "disk-full"}
+    assert set(pols) == {"gpu-idle-stop", "head-idle-stop", "unhealthy", "disk-full", "serve-drift",
+                         "serve-action-shift"}
     gpu = pols["gpu-idle-stop"]["conditions"][0]["conditionThreshold"]
     assert "agent.googleapis.com/gpu/utilization" in gpu["filter"] and gpu["duration"] == "1800s"
     assert f'metadata.user_labels."rlfleet-stack" = "{gcp.outputs[so.OUTPUT_STACK_TAG]}"' in gpu["filter"]
@@ -129,10 +130,31 @@ def test_alerts_idle_stop_function_and_dashboard(gcp: Built) -> None:
     assert fn["serviceConfig"]["ingressSettings"] == "ALLOW_INTERNAL_ONLY"
     assert "conditionAbsent" in pols["unhealthy"]["conditions"][0]
     assert pols["disk-full"]["conditions"][0]["conditionThreshold"]["thresholdValue"] == 90
+    # drift: the servers' gauges (Managed Prometheus): a feature's score (PSI / its level calibrated at
+    # export) above 1, as the server's alert; the action shift's PSI over the threshold the drift test measured
+    from rlfleet_agents.drift import PSI_ALERT
+
+    for suffix, metric, by, thr in (
+            ("serve-drift", "ray_rlfleet_serve_drift_score", ["deployment", "version", "feature"], 1.0),
+            ("serve-action-shift", "ray_rlfleet_serve_action_shift", ["deployment", "version"], PSI_ALERT)):
+        cond = pols[suffix]["conditions"][0]["conditionThreshold"]
+        assert cond["filter"] == ('resource.type = "prometheus_target" AND '
+                                  f'metric.type = "prometheus.googleapis.com/{metric}/gauge" AND '
+                                  f'metric.label."rlfleet_stack" = "{gcp.outputs[so.OUTPUT_STACK_TAG]}"')
+        assert cond["thresholdValue"] == thr and cond["comparison"] == "COMPARISON_GT"
+        (agg,) = cond["aggregations"]
+        assert agg["crossSeriesReducer"] == "REDUCE_MAX" and agg["groupByFields"] == [f"metric.label.{b}" for b in by]
     dash = gcp.one("gcp:monitoring/dashboard:Dashboard").inputs["dashboardJson"]
     for name in ("ray_rlfleet_episode_return", "ray_rlfleet_steps_per_second", "gpu/utilization",
-                 "gpu/memory/bytes_used", "instance/uptime", "disk/percent_used"):
-        assert name in dash
+                 "gpu/memory/bytes_used", "instance/uptime", "disk/percent_used",
+                 "ray_rlfleet_serve_requests_total/counter", "ray_rlfleet_serve_errors_total/counter",
+                 "ray_rlfleet_serve_latency_seconds/histogram", "ray_rlfleet_serve_drift_psi/gauge",
+                 "ray_rlfleet_serve_action_shift/gauge", "ray_rlfleet_serve_drift_score/gauge"):
+        assert name in dash, name
+    tiles = {t["title"]: t for t in json.loads(dash)["gridLayout"]["widgets"]}
+    for title in ("Drift: PSI per feature", "Drift: score per feature (PSI / its calibrated level; alert above 1.0)"):
+        agg = tiles[title]["xyChart"]["dataSets"][0]["timeSeriesQuery"]
+        assert agg["timeSeriesFilter"]["aggregation"]["groupByFields"][-1] == "metric.label.feature"
 
 
 def test_typed_components(gcp: Built) -> None:

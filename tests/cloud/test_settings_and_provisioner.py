@@ -9,12 +9,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-from rlfleet_cloud.settings import StackConfigError, parse_settings
 
 from rlfleet import stack_outputs as so
 from rlfleet.errors import ConfigError, ProvisionerError
 from rlfleet.provisioners import for_kind, pulumi_stack
 from rlfleet.targets import Target
+from rlfleet_cloud.settings import StackConfigError, parse_settings
 
 INFRA = Path(__file__).resolve().parents[2] / "infra_cloud"
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

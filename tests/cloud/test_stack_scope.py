@@ -48,8 +48,11 @@ def test_gcp_stack_id_labels_everything_marks_service_accounts_and_reaches_the_s
     fn = gcp.one("gcp:cloudfunctionsv2/function:Function").inputs
     assert fn["serviceConfig"]["environmentVariables"]["RLFLEET_STACK"] == sid
     for p in gcp.of("gcp:monitoring/alertPolicy:AlertPolicy"):
-        filt = json.dumps(p.inputs["conditions"])
-        assert f'\\"{so.GCP_LABEL_STACK}\\" = \\"{sid}\\"' in filt, p.name
+        for cond in p.inputs["conditions"]:
+            filt = next(iter(c for c in cond.values() if isinstance(c, dict) and "filter" in c))["filter"]
+            # VM metrics by the VM's label; Managed Prometheus series by the label the nodes add
+            key = so.PROM_LABEL_STACK if "prometheus_target" in filt else so.GCP_LABEL_STACK
+            assert f'"{key}" = "{sid}"' in filt, (p.name, filt)
     assert f'= \\"{sid}\\"' in gcp.one("gcp:monitoring/dashboard:Dashboard").inputs["dashboardJson"]
 
 

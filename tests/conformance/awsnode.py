@@ -37,7 +37,7 @@ import yaml
 from onprem.throwaway import VENV_BIN
 
 from .cloudnode import CloudHost, CloudLan, CloudNodeCluster, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
-from .targets import ConformanceTarget, wait_jobs_api
+from .targets import CloudNodeConformance, wait_jobs_api
 
 REPO = Path(__file__).resolve().parents[2]
 SUBNET = "10.42.1"  # the stack's subnet as the mocks give it (head private ip 10.42.1.10), a /24 of the LAN
@@ -404,8 +404,7 @@ class MetricsForwarder:
 
 # -- the conformance target ----------------------------------------------------------------------
 
-class AwsNodeConformance(ConformanceTarget):
-    cluster: Any = None
+class AwsNodeConformance(CloudNodeConformance):
     forwarder: Any = None
 
     def release(self) -> None:

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .cloudnode import CloudHost, CloudLan, CloudNodeCluster, MetadataRequest, MetadataResponse, ensure_image, wait_tcp
-from .targets import ConformanceTarget, prometheus_monitored, wait_jobs_api
+from .targets import CloudNodeConformance, prometheus_monitored, wait_jobs_api
 
 if TYPE_CHECKING:
     from rlfleet.kit import Kit
@@ -487,8 +487,7 @@ class OpsAgentScraper:
 
 # -- the conformance target ----------------------------------------------------------------------
 
-class GcpNodeConformance(ConformanceTarget):
-    cluster: Any = None
+class GcpNodeConformance(CloudNodeConformance):
     monitoring: Any = None
 
     def monitored(self, run_id: str) -> dict[str, Any]:

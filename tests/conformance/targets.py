@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,18 @@ class ConformanceTarget:
         environment (RLFLEET_RUN_ID or the run envelope). The local head and the throwaway hosts
         (systemd-nspawn) are all processes of this machine, so one scan serves every target here."""
         return _pids_with_env(run_id, "rlfleet_agents.run")
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL a process of the target by the pid it reports (its own pid namespace)."""
+        os.kill(pid, signal.SIGKILL)
+
+    def killable(self, replica: dict[str, Any]) -> bool:
+        """Can kill() reach this replica (a row of the deployment's status)?"""
+        return True
+
+    def serve_front(self) -> str:
+        """How a named deployment's URL starts on this target (its TLS front, or loopback)."""
+        return "http://127.0.0.1:"
 
     # -- what differs by nature ----------------------------------------------------------------
     def monitored(self, run_id: str) -> dict[str, Any]:
@@ -117,6 +130,26 @@ class LocalConformance(ConformanceTarget):
             self.target = ensure_local_up()  # new ports; the shared local_cluster fixture follows
 
 
+# -- the cloud-node hosts (awsnode.py, gcpnode.py) ------------------------------------------------
+
+class CloudNodeConformance(ConformanceTarget):
+    """A stack's nodes as throwaway hosts (``cluster``: tests/conformance/cloudnode.py)."""
+
+    cluster: Any = None
+
+    def kill(self, pid: int) -> None:
+        # a replica: on the head, a pid of its namespace (the shell's kill: the image has no procps)
+        self.cluster.head.nsexec("sh", "-c", f"kill -KILL {int(pid)}")
+
+    def killable(self, replica: dict[str, Any]) -> bool:
+        # replicas are spread over the nodes; kill() reaches the head's, which serve on its loopback
+        # beside the balancer (the deploy run and its controller are placed on the head)
+        return str(replica.get("address", "")).startswith("127.0.0.1:")
+
+    def serve_front(self) -> str:
+        return f"https://{self.cluster.public_ip}:"  # the head's nginx on its public ip, the stack's CA
+
+
 # -- onprem ---------------------------------------------------------------------------------------
 
 class OnpremConformance(ConformanceTarget):
@@ -126,6 +159,12 @@ class OnpremConformance(ConformanceTarget):
         q = urllib.parse.quote(query, safe="")
         out = self.host.nsexec("curl", "-fsS", f"http://127.0.0.1:9090/api/v1/query?query={q}").stdout
         return list(json.loads(out)["data"]["result"])
+
+    def kill(self, pid: int) -> None:
+        self.host.nsexec("kill", "-KILL", str(pid))  # a pid of the container's namespace
+
+    def serve_front(self) -> str:
+        return f"https://{self.host.ip}:"  # nginx on the head's address, the cluster CA
 
     def monitored(self, run_id: str) -> dict[str, Any]:
         # the host's Prometheus (loopback on the monitoring host), asked from inside the host

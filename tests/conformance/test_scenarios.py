@@ -209,5 +209,8 @@ def test_runs_listed_from_the_store_when_the_head_is_down(tgt: ConformanceTarget
     assert listed[run.run_id]["complete"] is True
     assert listed[run.run_id]["kind"] == "train" and listed[run.run_id]["name"] == "conformance-ppo"
     # and the head serves again afterwards
-    assert submit_run(RunSpec(kind="train", agent="random", budget={"steps": 100}, resources={"cpus": 0.5}),
-                      target=tgt.target).wait(timeout=tgt.timeout) is RunStatus.SUCCEEDED
+    after = submit_run(RunSpec(kind="train", agent="random", budget={"steps": 100}, resources={"cpus": 0.5}),
+                       target=tgt.target)
+    status = after.wait(timeout=tgt.timeout)
+    # (on failure: why, and the attempts the target's supervisor made; seen once on gcp-node, not explained)
+    assert status is RunStatus.SUCCEEDED, (status, after.failure_reason(), after.info().get("restart_history"))

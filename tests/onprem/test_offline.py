@@ -61,7 +61,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool(rendered):
     r = _run(["promtool", "check", "config", "--syntax-only", str(rendered / "prometheus.yml")])
     assert r.returncode == 0, r.stdout + r.stderr
     r = _run(["promtool", "check", "rules", str(rendered / "rlfleet-alerts.yml")])
-    assert r.returncode == 0 and "3 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "6 rules found" in r.stdout, r.stdout + r.stderr
     cfg = yaml.safe_load((rendered / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert set(jobs) == {"prometheus", "node", "dcgm", "ray"}
@@ -118,6 +118,57 @@ def test_alerts_fire_on_synthetic_series(rendered, tmp_path):
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
 
+def test_serving_alerts_fire_on_synthetic_series(rendered, tmp_path):
+    """promtool's rule unit tests for the policy servers' alerts: a drifted feature fires (and only after
+    the hold time, and not at a score under 1 however large its PSI), an action shift fires, a 5xx ratio
+    fires. The thresholds are the server's: score (PSI / the feature's calibrated level) above 1, the
+    action shift's PSI above rlfleet_agents.drift.PSI_ALERT."""
+    from rlfleet_agents.drift import PSI_ALERT
+
+    rules = yaml.safe_load((rendered / "rlfleet-alerts.yml").read_text())["groups"][0]["rules"]
+    drift = next(r for r in rules if r["alert"] == "RlfleetServeDrift")
+    assert drift["expr"].endswith("(ray_rlfleet_serve_drift_score) > 1.0")
+    lab = 'deployment="cartpole",version="2",replica="r1"'
+    series = [
+        {"series": f'ray_rlfleet_serve_drift_score{{{lab},feature="1"}}', "values": "0.05x5 1.6x20"},
+        {"series": f'ray_rlfleet_serve_drift_score{{{lab},feature="0"}}', "values": "0.95x25"},  # just under
+        {"series": f'ray_rlfleet_serve_drift_psi{{{lab},feature="0"}}', "values": "5.7x25"},  # a slow feature
+        {"series": f'ray_rlfleet_serve_action_shift{{{lab}}}', "values": "0.02x5 0.5x20"},
+        {"series": f'ray_rlfleet_serve_requests_total{{{lab},code="200"}}', "values": "0+100x25"},
+        {"series": f'ray_rlfleet_serve_errors_total{{{lab},code="503"}}', "values": "0+20x25"},
+    ]
+    who = {"deployment": "cartpole", "version": "2"}
+    tests = {"rule_files": [str(rendered / "rlfleet-alerts.yml")], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "RlfleetServeDrift", "exp_alerts": []},
+            {"eval_time": "6m", "alertname": "RlfleetServeDrift", "exp_alerts": []},  # held for 1m first
+            {"eval_time": "8m", "alertname": "RlfleetServeDrift", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "feature": "1", **who},
+                "exp_annotations": {
+                    "summary": "Deployment cartpole v2: observation feature 1 drifted (score 1.60)",
+                    "description": "The served observations of this feature no longer match the policy's "
+                    "training statistics: its PSI over the server's sliding window is above 1.0 x the "
+                    "feature's alert level, calibrated at export from the run's own episodes. "
+                    "rlfleet drift shows every feature."}}]},
+            {"eval_time": "8m", "alertname": "RlfleetServeActionShift", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", **who},
+                "exp_annotations": {
+                    "summary": "Deployment cartpole v2: the policy's actions shifted (PSI 0.50)",
+                    "description": "The distribution of served actions differs from the one the policy "
+                    f"showed in its final evaluation (PSI above {PSI_ALERT})."}}]},
+            {"eval_time": "15m", "alertname": "RlfleetServeErrors", "exp_alerts": [{
+                "exp_labels": {"severity": "critical", **who},
+                "exp_annotations": {
+                    "summary": "Deployment cartpole v2 answers 5xx",
+                    "description": "More than 0.05 of its requests failed with a server error over 5 minutes."}}]},
+        ]}]}
+    f = tmp_path / "serve_alerts_test.yml"
+    f.write_text(yaml.safe_dump(tests, sort_keys=False))
+    r = _run(["promtool", "test", "rules", str(f)])
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
 def test_firewall_ruleset_passes_nft_check(rendered):
     text = (rendered / "nftables.conf").read_text()
     r = _run(["nft", "-c", "-f", str(rendered / "nftables.conf")])
@@ -156,12 +207,17 @@ def test_dashboards_cover_the_metrics_and_their_promql_parses(tmp_path):
     exprs = _exprs()
     text = " ".join(e for _, _, e in exprs)
     for metric in ("ray_rlfleet_episode_return", "ray_rlfleet_steps_per_second", "DCGM_FI_DEV_GPU_UTIL",
-                   "DCGM_FI_DEV_FB_USED", 'up{job="node"', "node_filesystem_avail_bytes"):
+                   "DCGM_FI_DEV_FB_USED", 'up{job="node"', "node_filesystem_avail_bytes",
+                   "ray_rlfleet_serve_requests_total", "ray_rlfleet_serve_latency_seconds_bucket",
+                   "ray_rlfleet_serve_errors_total", "ray_rlfleet_serve_batch_size_sum",
+                   "ray_rlfleet_serve_drift_psi", "ray_rlfleet_serve_drift_ks", "ray_rlfleet_serve_action_shift",
+                   "ray_rlfleet_serve_drift_score"):
         assert metric in text, metric
     # Grafana variables become concrete values, then every expression goes through promtool
     rules = {"groups": [{"name": "dashboards", "rules": [
         {"record": f"rlfleet:dash_{i}",
-         "expr": e.replace("$run_id", ".*").replace("$node", ".*").replace("$__rate_interval", "5m")}
+         "expr": e.replace("$run_id", ".*").replace("$node", ".*").replace("$deployment", ".*")
+         .replace("$__rate_interval", "5m")}
         for i, (_, _, e) in enumerate(exprs)]}]}
     f = tmp_path / "dash_rules.yml"
     f.write_text(yaml.safe_dump(rules))

@@ -122,6 +122,14 @@ def test_service_active_and_enabled(node, unit):
     assert node.run(f"systemctl is-active {unit}").stdout.strip() == "active", unit
 
 
+def test_haproxy_installed_with_its_distro_service_off(node):
+    """tls_front installs haproxy for the named deployments' controllers (docs/serving.md), which run
+    their own HAProxy as the Ray user; the distro's haproxy.service stays stopped and disabled."""
+    assert node.package("haproxy").is_installed and node.file("/usr/sbin/haproxy").exists
+    assert node.run("systemctl is-enabled haproxy").stdout.strip() == "disabled"
+    assert node.run("systemctl is-active haproxy").stdout.strip() == "inactive"
+
+
 def test_ssh_is_key_only_and_secrets_are_owner_only(node):
     conf = node.check_output("sshd -T")
     assert "passwordauthentication no" in conf

@@ -17,7 +17,6 @@ from rlfleet.teardown.down import down
 
 from .awsfixtures import as_dict, create_set, still_present
 
-
 TAG = "prod-0123456789ab"  # the stack id the program exports (test_stack_scope.py: bare names)
 
 

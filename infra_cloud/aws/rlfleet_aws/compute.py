@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
+
 from rlfleet_cloud.bootstrap import NodeParams, aws_cloud_config, render_bootstrap
 from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import ClusterSettings

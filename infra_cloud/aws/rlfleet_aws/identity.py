@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
-from rlfleet_cloud.settings import ClusterSettings
 
 from rlfleet.kit import KIT_OBJECT_PREFIX
 from rlfleet.stack_outputs import CA_CERT_OBJECT
+from rlfleet_cloud.settings import ClusterSettings
 
 from .common import tags
 

@@ -8,9 +8,19 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
-from rlfleet_cloud.settings import ClusterSettings
 
-from rlfleet.stack_outputs import METRIC_EPISODE_RETURN, METRIC_STEPS_PER_SECOND
+from rlfleet.stack_outputs import (
+    METRIC_EPISODE_RETURN,
+    METRIC_SERVE_ACTION_SHIFT,
+    METRIC_SERVE_DRIFT_PSI,
+    METRIC_SERVE_DRIFT_SCORE,
+    METRIC_SERVE_ERRORS_TOTAL,
+    METRIC_SERVE_REQUESTS_TOTAL,
+    METRIC_STEPS_PER_SECOND,
+    SERVE_DRIFT_PSI_ALERT,
+    SERVE_DRIFT_SCORE_ALERT,
+)
+from rlfleet_cloud.settings import ClusterSettings
 
 from .common import tags
 
@@ -59,8 +69,8 @@ class MonitoringArgs:
 
 def dashboard_body(settings: ClusterSettings, region: str, namespace: str, head_id: str,
                    worker_ids: list[str]) -> str:
-    def search(metric: str, stat: str) -> dict:
-        return {"expression": f"SEARCH('{{{namespace},run_id}} MetricName=\"{metric}\"', '{stat}', 60)",
+    def search(metric: str, stat: str, dims: str = "run_id") -> dict:
+        return {"expression": f"SEARCH('{{{namespace},{dims}}} MetricName=\"{metric}\"', '{stat}', 60)",
                 "id": "e1", "label": metric}
 
     def widget(title: str, metrics: list, x: int, y: int) -> dict:
@@ -82,8 +92,25 @@ def dashboard_body(settings: ClusterSettings, region: str, namespace: str, head_
         widget("Disk used % (/)",
                [["CWAgent", "disk_used_percent", "InstanceId", n, "path", "/", "fstype", "ext4"] for n in nodes],
                12, 12),
+        # policy servers (the CloudWatch agent forwards them per deployment and version)
+        widget("Serving requests / min (by version)",
+               [[search(METRIC_SERVE_REQUESTS_TOTAL, "Sum", "deployment,version")]], 0, 18),
+        widget("Serving errors / min (by version)",
+               [[search(METRIC_SERVE_ERRORS_TOTAL, "Sum", "deployment,version")]], 12, 18),
+        widget("Drift: PSI per feature",
+               [[search(METRIC_SERVE_DRIFT_PSI, "Maximum", "deployment,version,feature")]], 0, 24),
+        widget(f"Drift: action shift (PSI; alarm above {SERVE_DRIFT_PSI_ALERT})",
+               [[search(METRIC_SERVE_ACTION_SHIFT, "Maximum", "deployment,version")]], 12, 24),
+        widget(f"Drift: score per feature (PSI / its calibrated level; alarm above {SERVE_DRIFT_SCORE_ALERT})",
+               [[search(METRIC_SERVE_DRIFT_SCORE, "Maximum", "deployment,version,feature")]], 0, 30),
     ]
     return json.dumps({"widgets": widgets})
+
+
+def drift_query(namespace: str, metric: str, dims: str) -> str:
+    """A Metrics Insights query (alarms cannot use SEARCH): the largest value of ``metric`` over
+    every deployment/version(/feature) the stack's policy servers report."""
+    return f'SELECT MAX("{metric}") FROM SCHEMA("{namespace}", {dims})'  # noqa: S608 - our constants, no user input
 
 
 class ClusterMonitoring(pulumi.ComponentResource):
@@ -127,6 +154,19 @@ class ClusterMonitoring(pulumi.ComponentResource):
                   dimensions={**dims, "path": "/", "fstype": "ext4"}, statistic="Maximum", period=PERIOD,
                   evaluation_periods=1, threshold=s.disk_alarm_percent,
                   comparison_operator="GreaterThanOrEqualToThreshold", treat_missing_data="notBreaching",
+                  alarm_actions=[args.topic_arn])
+
+        # drift of any deployment on this stack (the policy servers' sliding window): a feature's
+        # score (PSI / its calibrated level), the action shift's PSI
+        for suffix, metric, dims, threshold in (
+                ("serve-drift", METRIC_SERVE_DRIFT_SCORE, "deployment, feature, version", SERVE_DRIFT_SCORE_ALERT),
+                ("serve-action-shift", METRIC_SERVE_ACTION_SHIFT, "deployment, version", SERVE_DRIFT_PSI_ALERT)):
+            alarm(suffix, f"rlfleet {s.stack}: a deployment's {metric.removeprefix('ray_rlfleet_serve_')} "
+                  f"above {threshold} (rlfleet drift NAME|RUN_ID shows which)",
+                  metric_queries=[{"id": "q1", "expression": drift_query(args.metric_namespace, metric, dims),
+                                   "period": 60, "return_data": True, "label": metric}],
+                  evaluation_periods=1, threshold=threshold,
+                  comparison_operator="GreaterThanThreshold", treat_missing_data="notBreaching",
                   alarm_actions=[args.topic_arn])
 
         dash_name = f"rlfleet-{s.stack}"

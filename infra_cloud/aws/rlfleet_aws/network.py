@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
+
 from rlfleet_cloud.settings import ClusterSettings
 
 from .common import tags

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
-from rlfleet_cloud.settings import ClusterSettings
 
 from rlfleet.stack_outputs import ARTIFACT_PREFIX
+from rlfleet_cloud.settings import ClusterSettings
 
 from .common import tags
 

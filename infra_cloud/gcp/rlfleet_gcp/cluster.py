@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_gcp as gcp
-from rlfleet_cloud.kit import checkout_kit
-from rlfleet_cloud.settings import ClusterSettings, with_stack_id
 
 from rlfleet import stack_outputs as out
 from rlfleet.kit import Kit, KitError
+from rlfleet_cloud.kit import checkout_kit
+from rlfleet_cloud.settings import ClusterSettings, with_stack_id
 
 from .compute import GpuNodePool, NodeArgs, PoolArgs, RayHead
 from .foundation import ClusterStorage, IdentityArgs, Network, NetworkArgs, NodeIdentity, StorageArgs

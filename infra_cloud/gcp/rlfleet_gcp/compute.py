@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_gcp as gcp
+
 from rlfleet_cloud.bootstrap import NodeParams, render_bootstrap
 from rlfleet_cloud.kit import KitRef
 from rlfleet_cloud.settings import ClusterSettings

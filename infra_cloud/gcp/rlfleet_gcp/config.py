@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pulumi
+
 from rlfleet_cloud.settings import ClusterSettings, StackConfigError, parse_settings
 
 from .common import PROJECT

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_gcp as gcp
 import pulumi_random as random
-from rlfleet_cloud.settings import ClusterSettings
 
 from rlfleet.kit import KIT_OBJECT_PREFIX
 from rlfleet.stack_outputs import ARTIFACT_PREFIX
+from rlfleet_cloud.settings import ClusterSettings
 
 from .common import labels, net_tag, stack_marker
 

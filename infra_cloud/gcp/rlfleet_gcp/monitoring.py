@@ -11,7 +11,19 @@ import pulumi
 import pulumi_gcp as gcp
 
 from rlfleet.constants import GCP_LABEL_ROLE, GCP_LABEL_STACK
-from rlfleet.stack_outputs import METRIC_EPISODE_RETURN, METRIC_STEPS_PER_SECOND
+from rlfleet.stack_outputs import (
+    METRIC_EPISODE_RETURN,
+    METRIC_SERVE_ACTION_SHIFT,
+    METRIC_SERVE_DRIFT_PSI,
+    METRIC_SERVE_DRIFT_SCORE,
+    METRIC_SERVE_ERRORS_TOTAL,
+    METRIC_SERVE_LATENCY,
+    METRIC_SERVE_REQUESTS_TOTAL,
+    METRIC_STEPS_PER_SECOND,
+    PROM_LABEL_STACK,
+    SERVE_DRIFT_PSI_ALERT,
+    SERVE_DRIFT_SCORE_ALERT,
+)
 from rlfleet_cloud.settings import ClusterSettings
 
 from .common import labels, stack_marker, vm_name, vm_roles
@@ -20,6 +32,14 @@ STOPPER_DIR = Path(__file__).parent / "stopper"
 
 
 USED = ' AND metric.label.state = "used"'
+# Ray's Prometheus metrics as the Ops Agent writes them (Managed Service for Prometheus types)
+PROM = 'resource.type = "prometheus_target" AND metric.type = "prometheus.googleapis.com/{}/{}"'
+
+
+def _prom_filter(stack_id: str, metric: str, kind: str = "gauge") -> str:
+    """A Managed Prometheus series of this stack's nodes (they label every series with the stack id:
+    rlfleet_cloud.bootstrap.ops_agent_config)."""
+    return PROM.format(metric, kind) + f' AND metric.label."{PROM_LABEL_STACK}" = "{stack_id}"'
 
 
 def _vm_filter(stack_id: str, metric: str, role: str | None = None) -> str:
@@ -38,19 +58,35 @@ def stopper_condition(s: ClusterSettings, project: str, zone: str) -> str:
 
 
 def dashboard_json(stack: str, stack_id: str) -> str:
-    def chart(title: str, filt: str, reducer: str = "REDUCE_NONE") -> dict:
+    def chart(title: str, filt: str, reducer: str = "REDUCE_NONE", aligner: str = "ALIGN_MEAN",
+              by: tuple[str, ...] = ()) -> dict:
+        agg = {"alignmentPeriod": "60s", "perSeriesAligner": aligner, "crossSeriesReducer": reducer,
+               **({"groupByFields": [f"metric.label.{b}" for b in by]} if by else {})}
         return {"title": title, "xyChart": {"dataSets": [{"timeSeriesQuery": {"timeSeriesFilter": {
-            "filter": filt, "aggregation": {"alignmentPeriod": "60s", "perSeriesAligner": "ALIGN_MEAN",
-                                            "crossSeriesReducer": reducer}}}}]}}
+            "filter": filt, "aggregation": agg}}}]}}
 
-    prom = 'resource.type = "prometheus_target" AND metric.type = "prometheus.googleapis.com/{}/gauge"'
+    def prom(metric: str, kind: str = "gauge") -> str:
+        return _prom_filter(stack_id, metric, kind)
+
+    version = ("deployment", "version")
     tiles = [
-        chart("Episode return", prom.format(METRIC_EPISODE_RETURN)),
-        chart("Env steps / s", prom.format(METRIC_STEPS_PER_SECOND)),
+        chart("Episode return", prom(METRIC_EPISODE_RETURN)),
+        chart("Env steps / s", prom(METRIC_STEPS_PER_SECOND)),
         chart("GPU utilization %", _vm_filter(stack_id, "agent.googleapis.com/gpu/utilization")),
         chart("GPU memory used", _vm_filter(stack_id, "agent.googleapis.com/gpu/memory/bytes_used")),
         chart("Node health (uptime)", _vm_filter(stack_id, "compute.googleapis.com/instance/uptime")),
         chart("Disk used %", _vm_filter(stack_id, "agent.googleapis.com/disk/percent_used") + USED),
+        chart("Serving requests / s (by version)", prom(METRIC_SERVE_REQUESTS_TOTAL, "counter"), "REDUCE_SUM",
+              "ALIGN_RATE", version),
+        chart("Serving errors / s (by version)", prom(METRIC_SERVE_ERRORS_TOTAL, "counter"), "REDUCE_SUM",
+              "ALIGN_RATE", version),
+        chart("Serving latency p99 (by version)", prom(METRIC_SERVE_LATENCY, "histogram"), "REDUCE_PERCENTILE_99",
+              "ALIGN_DELTA", version),
+        chart("Drift: PSI per feature", prom(METRIC_SERVE_DRIFT_PSI), "REDUCE_MAX", "ALIGN_MAX", (*version, "feature")),
+        chart(f"Drift: score per feature (PSI / its calibrated level; alert above {SERVE_DRIFT_SCORE_ALERT})",
+              prom(METRIC_SERVE_DRIFT_SCORE), "REDUCE_MAX", "ALIGN_MAX", (*version, "feature")),
+        chart(f"Drift: action shift (PSI; alert above {SERVE_DRIFT_PSI_ALERT})", prom(METRIC_SERVE_ACTION_SHIFT),
+              "REDUCE_MAX", "ALIGN_MAX", version),
     ]
     return json.dumps({"displayName": f"rlfleet {stack}",
                        "gridLayout": {"columns": "2", "widgets": tiles}})
@@ -145,6 +181,18 @@ class ClusterMonitoring(pulumi.ComponentResource):
             "filter": _vm_filter(s.stack_id, "agent.googleapis.com/disk/percent_used") + USED,
             "comparison": "COMPARISON_GT", "threshold_value": s.disk_alarm_percent, "duration": "300s",
             "aggregations": [{"alignment_period": "300s", "per_series_aligner": "ALIGN_MAX"}]}}, channels)
+
+        for suffix, metric, by, threshold in (
+                ("serve-drift", METRIC_SERVE_DRIFT_SCORE, ("deployment", "version", "feature"),
+                 SERVE_DRIFT_SCORE_ALERT),
+                ("serve-action-shift", METRIC_SERVE_ACTION_SHIFT, ("deployment", "version"), SERVE_DRIFT_PSI_ALERT)):
+            policy(suffix, f"a deployment's {metric.removeprefix('ray_rlfleet_serve_')} above {threshold}",
+                   {"condition_threshold": {
+                       "filter": _prom_filter(s.stack_id, metric), "comparison": "COMPARISON_GT",
+                       "threshold_value": threshold, "duration": "60s",
+                       "aggregations": [{"alignment_period": "60s", "per_series_aligner": "ALIGN_MAX",
+                                         "cross_series_reducer": "REDUCE_MAX",
+                                         "group_by_fields": [f"metric.label.{b}" for b in by]}]}}, channels)
 
         dash = gcp.monitoring.Dashboard(f"{name}-dashboard", dashboard_json=dashboard_json(s.stack, s.stack_id),
                                         opts=child)

@@ -17,8 +17,14 @@ from pathlib import Path
 from rlfleet.stack_outputs import (
     METRIC_ENV_STEPS_TOTAL,
     METRIC_EPISODE_RETURN,
+    METRIC_SERVE_ACTION_SHIFT,
+    METRIC_SERVE_DRIFT_PSI,
+    METRIC_SERVE_DRIFT_SCORE,
+    METRIC_SERVE_ERRORS_TOTAL,
+    METRIC_SERVE_REQUESTS_TOTAL,
     METRIC_STEPS_PER_SECOND,
     PORT_RAY_METRICS,
+    PROM_LABEL_STACK,
     RAY_RESOURCE_SERVE_FRONT,
 )
 
@@ -59,13 +65,18 @@ def _read(name: str) -> str:
     return (FILES / name).read_text()
 
 
-def _prometheus_scrape(node_ip: str = "__NODE_IP__") -> dict:
+def _prometheus_scrape(node_ip: str = "__NODE_IP__", stack_id: str = "") -> dict:
+    """Ray's metrics port on this node; with ``stack_id``, every series carries it as a label (the
+    cloud's Prometheus backend keeps no VM labels, so alerts and charts scope a stack by it)."""
+    target: dict = {"targets": [f"{node_ip}:{PORT_RAY_METRICS}"]}
+    if stack_id:
+        target["labels"] = {PROM_LABEL_STACK: stack_id}
     return {
         "global": {"scrape_interval": PROM_SCRAPE_INTERVAL},
         "scrape_configs": [
             {
                 "job_name": "ray",
-                "static_configs": [{"targets": [f"{node_ip}:{PORT_RAY_METRICS}"]}],
+                "static_configs": [target],
                 "metric_relabel_configs": [
                     {"source_labels": ["__name__"], "regex": FORWARDED_METRICS, "action": "keep"}
                 ],
@@ -115,6 +126,13 @@ def cloudwatch_agent_config(settings: ClusterSettings, log_group: str, namespace
                             {"source_labels": ["job"], "label_matcher": "^ray$",
                              "dimensions": [["InstanceId"]],
                              "metric_selectors": ["^ray_node_.*"]},
+                            {"source_labels": ["job"], "label_matcher": "^ray$",  # policy servers
+                             "dimensions": [["deployment", "version"], ["deployment", "version", "replica"]],
+                             "metric_selectors": [f"^{METRIC_SERVE_REQUESTS_TOTAL}$", f"^{METRIC_SERVE_ERRORS_TOTAL}$",
+                                                  f"^{METRIC_SERVE_ACTION_SHIFT}$"]},
+                            {"source_labels": ["job"], "label_matcher": "^ray$",
+                             "dimensions": [["deployment", "version", "feature"]],
+                             "metric_selectors": [f"^{METRIC_SERVE_DRIFT_PSI}$", f"^{METRIC_SERVE_DRIFT_SCORE}$"]},
                         ],
                     },
                 },
@@ -123,8 +141,9 @@ def cloudwatch_agent_config(settings: ClusterSettings, log_group: str, namespace
     }
 
 
-def ops_agent_config() -> dict:
-    """Google Ops Agent: GPU (nvml), host metrics (default), logs, and Ray's Prometheus."""
+def ops_agent_config(stack_id: str = "") -> dict:
+    """Google Ops Agent: GPU (nvml), host metrics (default), logs, and Ray's Prometheus (each series
+    labelled with the stack id)."""
     return {
         "logging": {
             "receivers": {
@@ -135,7 +154,7 @@ def ops_agent_config() -> dict:
         },
         "metrics": {
             "receivers": {
-                "ray_prometheus": {"type": "prometheus", "config": _prometheus_scrape()},
+                "ray_prometheus": {"type": "prometheus", "config": _prometheus_scrape(stack_id=stack_id)},
                 "gpu": {"type": "nvml"},
             },
             "service": {"pipelines": {"rlfleet": {"receivers": ["ray_prometheus", "gpu"]}}},
@@ -165,7 +184,7 @@ CFGEOF
 CFGEOF
   "$ctl" -a fetch-config -m ec2 -c file:/opt/rlfleet/monitoring/cwagent.json -s
 }}"""
-    agent = json.dumps(ops_agent_config(), indent=2)  # JSON is valid YAML
+    agent = json.dumps(ops_agent_config(settings.stack_id), indent=2)  # JSON is valid YAML
     return f"""setup_monitoring() {{
   local ip="$1"
   if ! dpkg -s google-cloud-ops-agent >/dev/null 2>&1; then

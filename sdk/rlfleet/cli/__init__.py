@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("rlfleet.cli.runs:cancel_cmd", "Cancel a run (no-op if it already ended)."),
     "artifacts": ("rlfleet.cli.runs:artifacts_cmd", "List a run's artifacts and check its manifest."),
     "endpoint": ("rlfleet.cli.runs:endpoint_cmd", "Show a deploy run's endpoint."),
+    "deploy": ("rlfleet.cli.deployments:deploy_cmd", "Deploy, canary, promote or roll back a named deployment."),
+    "deployments": ("rlfleet.cli.deployments:deployments_cmd", "List the named deployments of a target."),
+    "undeploy": ("rlfleet.cli.deployments:undeploy_cmd", "Stop serving a named deployment."),
+    "drift": ("rlfleet.cli.drift:drift_cmd", "Show a deployment's or deploy run's drift (PSI/KS, action shift)."),
     "local": ("rlfleet.cli.local:local_grp", "Start, stop or inspect the embedded local Ray head."),
     "target": ("rlfleet.cli.targets:target_grp", "List, add, show or remove targets."),
     "up": ("rlfleet.cli.infra:up", "Provision a target (Pulumi / Ansible / local)."),
@@ -32,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cost": ("rlfleet.cli.infra:cost", "Estimate a target's hourly and monthly cost."),
     "demo": ("rlfleet.cli.agents:demo", "The main job: train, evaluate and deploy CartPole locally."),
     "plot": ("rlfleet.cli.agents:plot", "Draw learning curves from runs' metrics."),
+    "sweep": ("rlfleet.cli.sweeps:sweep_cmd", "Search hyperparameters with many train runs (resumable)."),
 }
 
 

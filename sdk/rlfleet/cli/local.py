@@ -13,13 +13,27 @@ def local_grp() -> None:
 
 
 @local_grp.command("up")
-@click.option("--cpus", type=int, help="CPUs Ray may schedule (default: all cores).")
+@click.option("--cpus", type=int, help="CPUs Ray may schedule on the head (default: all cores).")
+@click.option("--nodes", type=click.IntRange(0, 16), default=None,
+              help="Also start N Ray worker nodes here, each in its own network namespace (default: none).")
+@click.option("--node-cpus", type=click.IntRange(1), default=1, show_default=True,
+              help="CPUs each worker node declares.")
+@click.option("--node-gpus", default="0", show_default=True,
+              help="GPUs each worker node declares: one number, or one per node ('0,1'); fake ones count too.")
 @json_option
-def up(cpus: int | None, as_json: bool) -> None:
-    """Start the local Ray head (reuse it if it is already up)."""
-    from rlfleet.local import ensure_local_up, local_status
+def up(cpus: int | None, nodes: int | None, node_cpus: int, node_gpus: str, as_json: bool) -> None:
+    """Start the local Ray head (reuse it if it is already up), optionally with worker nodes, and its run supervisor."""
+    from rlfleet.local import local_status
+    from rlfleet.provisioners.local_supervisor import local_up
 
-    ensure_local_up(echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)), num_cpus=cpus)
+    try:
+        gpus = [float(g) for g in node_gpus.split(",") if g.strip()]
+    except ValueError:
+        raise click.BadParameter("one number, or numbers separated by commas (0,1)", param_hint="--node-gpus") from None
+    local_up(  # the head, its worker nodes and the run supervisor (queue, restarts)
+        echo=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)), num_cpus=cpus, nodes=nodes,
+        node_cpus=node_cpus, node_gpus=gpus[0] if len(gpus) == 1 else gpus,
+    )  # fmt: skip
     st = local_status()
     if as_json:
         print_json(st)
@@ -27,6 +41,8 @@ def up(cpus: int | None, as_json: bool) -> None:
         click.echo(
             f"local target up: {st['ray_address']} (token: {st['token_file']}, artifacts: {st['artifact_root']})"
         )
+        for n in st["nodes"]:
+            click.echo(f"  node {n['name']}: {n['ip']} cpus={n['cpus']} gpus={n['gpus']:g}")
 
 
 @local_grp.command("down")

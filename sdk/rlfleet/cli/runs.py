@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -63,6 +64,8 @@ def _parse_kv(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 @click.option("--episodes", type=int, help="eval: number of episodes.")
 @click.option("--cpus", type=float, help="CPUs to reserve.")
 @click.option("--gpus", type=float, help="GPUs to reserve.")
+@click.option("--priority", type=int, help="Queue priority, 0-1000 (higher goes first; supervised targets).")
+@click.option("--max-restarts", type=int, help="train: restarts from its checkpoint after infrastructure failures.")
 @click.option(
     "--wait", "do_wait", is_flag=True, help="Wait until it ends (deploy: until it serves); exit non-zero if it failed."
 )
@@ -87,6 +90,8 @@ def run_cmd(
     episodes: int | None,
     cpus: float | None,
     gpus: float | None,
+    priority: int | None,
+    max_restarts: int | None,
     do_wait: bool,
     as_json: bool,
     reproduce: str | None = None,
@@ -120,6 +125,8 @@ def run_cmd(
         "source": source,
         "resume_from": resume_from,
         "code": code,
+        "priority": priority,
+        "max_restarts": max_restarts,
     }
     data.update({k: v for k, v in simple.items() if v is not None})
     if requirement and requirements_file:
@@ -211,12 +218,23 @@ def _print_run(info: dict[str, Any]) -> None:
             "started_at",
             "ended_at",
             "wall_time_s",
+            "nodes",
             "gpu_hours",
         )
     ]
+    rows += [[k, info[k]] for k in ("position", "priority", "restarts") if info.get(k) is not None]
+    rows += [[f"restart {i}", _restart_line(h)] for i, h in enumerate(info.get("restart_history") or [], 1)]
     if info.get("message") and info.get("status") in ("FAILED", "CANCELLED"):
         rows.append(["message", info["message"]])
     table(["field", "value"], rows)
+
+
+def _restart_line(h: dict[str, Any]) -> str:
+    """One restart: when the attempt ended, on which node (and that node's state), and why."""
+    at = datetime.fromtimestamp(h["at"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if h.get("at") else "?"
+    node = f" on node {h['node_ip']}" if h.get("node_ip") else ""
+    state = f" ({h['node_state']})" if h.get("node_state") else ""
+    return f"attempt {h.get('attempt', '?')} ended {at}{node}{state}: {h.get('message', '')}"
 
 
 @click.command("runs")
@@ -251,11 +269,21 @@ def runs_cmd(target: str | None, limit: int, stored: bool, as_json: bool) -> Non
     table(
         ["run_id", "kind", "name", "status", "submitted", "wall s", "GPU-h"],
         [
-            [i["run_id"], i["kind"], i["name"], i["status"], i["submitted_at"], i["wall_time_s"], i["gpu_hours"]]
+            [i["run_id"], i["kind"], i["name"], _status_text(i), i["submitted_at"], i["wall_time_s"], i["gpu_hours"]]
             for i in infos
         ],
         title=f"runs on {tgt.name}",
     )
+
+
+def _status_text(info: dict[str, Any]) -> str:
+    """QUEUED with its place in the queue (#3), a managed run's restarts (RUNNING, 1 restart)."""
+    text = str(info["status"])
+    if info.get("position"):
+        text += f" #{info['position']}"
+    if info.get("restarts"):
+        text += f", {info['restarts']} restart{'s' if info['restarts'] > 1 else ''}"
+    return text
 
 
 def _print_stored_runs(tgt: Any, limit: int, as_json: bool) -> None:
@@ -307,7 +335,16 @@ def _show(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
 @_run_command("status")
 def status_cmd(run_id: str, target: str | None, as_json: bool) -> None:
     """Show RUN_ID's status."""
-    info = _get_run(run_id, target).info()
+    run = _get_run(run_id, target)
+    info = run.info()
+    if info.get("status") not in ("QUEUED", None):  # which node(s) ran it, from Ray's own tables
+        from rlfleet.placement import describe, run_nodes
+        from rlfleet.runs import jobs_client
+
+        try:
+            info["nodes"] = describe(run_nodes(jobs_client(run.target), run.job_record()))
+        except RlfleetError:
+            pass  # an older Ray without the state API: status without nodes
     _show(as_json, info, lambda: _print_run(info))
 
 

@@ -19,6 +19,8 @@
   the boot id, the namespace holder's and forwarder's start times and the namespace inode, and a
   PID is signalled only while all of them still match. Stale state (crash, reboot) is cleared
   without signalling anyone else.
+- ``nodes=N`` (``rlfleet local up --nodes N``) adds N Ray worker nodes, each in its own network
+  namespace; see :func:`ensure_local_up` and ``docs/scale-out.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +64,9 @@ __all__ = [
     "local_down",
     "local_status",
     "local_target",
+    "node_link",
+    "node_start",
+    "node_stop",
     "plan_destroy",
     "read_state",
     "ready",
@@ -74,6 +79,13 @@ __all__ = [
 ]
 
 N_SERVE_PORTS = 8
+# Multi-node: a bridge inside the head's namespace, one veth per worker namespace. The subnet exists
+# only inside those namespaces (the host has no interface on it), so it cannot clash with the host's.
+BRIDGE = "rlbr0"
+SUBNET = "10.87.0"
+GCS_PORT = 6379
+MAX_NODES = 16
+WORKER_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
 def _temp_parent() -> Path:
@@ -171,7 +183,7 @@ def _alive(pid: int | None) -> bool:
     # a zombie counts as dead
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (FileNotFoundError, IndexError):
+    except (FileNotFoundError, ProcessLookupError, IndexError):  # ESRCH: it exited while being read
         return False
 
 
@@ -286,7 +298,7 @@ def _healthy(target: Target, timeout: float = 3.0) -> bool:
         return False
 
 
-def _ray_env(temp_dir: str) -> dict[str, str]:
+def _ray_env(temp_dir: str, node_ip: str | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
@@ -298,6 +310,8 @@ def _ray_env(temp_dir: str) -> dict[str, str]:
             "RAY_TMPDIR": temp_dir,
         }
     )
+    if node_ip:  # a node of a multi-node local cluster: its drivers connect to its own raylet (see
+        env["RLFLEET_NODE_IP"] = node_ip  # rlfleet_agents.distributed.connect_ray)
     import importlib.util
 
     from rlfleet.preflight import RAY_PLUGINS_VALUE
@@ -389,13 +403,35 @@ def _signal(pid: int, start: int | None, sig: int = signal.SIGTERM) -> None:
         os.close(fd)
 
 
-def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int | None = None) -> Target:
-    """Start (or reuse) this user's local Ray head. Idempotent; returns the local target."""
+def ensure_local_up(
+    *,
+    echo: Callable[[str], None] | None = None,
+    num_cpus: int | None = None,
+    nodes: int | None = None,
+    node_cpus: int = 1,
+    node_gpus: Sequence[float] | float = 0,
+) -> Target:
+    """Start (or reuse) this user's local Ray head. Idempotent; returns the local target.
+
+    ``nodes=N`` adds N Ray worker nodes on this machine, each in its own network namespace, joined
+    to the head by a private bridge inside the head's namespace (``10.87.0.0/24``: head ``.1``,
+    worker ``i`` ``.(i+1)``); each declares ``node_cpus`` CPUs and its entry of ``node_gpus`` (one
+    number for all, or one per worker) as Ray ``GPU`` resources -- fake ones when the machine has
+    none, so placement by GPU can be tried anywhere. ``nodes=None`` reuses whatever runs (a single
+    head if nothing does); asking for another layout than the running one is refused.
+    """
     say = echo or (lambda _m: None)
     isolation = _isolation()
+    layout = _node_layout(nodes, node_cpus, node_gpus, isolation)
     with _lock():
         st = read_state()
         if st and _head_is_ours(st) and _healthy(local_target()):
+            running = [(n["cpus"], n["gpus"]) for n in st.get("nodes", [])]
+            if layout is not None and running != layout:
+                raise RlfleetError(
+                    f"the local Ray head already runs with {len(running)} worker node(s) {running} "
+                    f"(cpus, gpus); stop it first ('rlfleet local down') to start {len(layout)} node(s) {layout}"
+                )
             return local_target()
         if st:
             _stop_locked(say, quiet=True)
@@ -407,10 +443,16 @@ def ensure_local_up(*, echo: Callable[[str], None] | None = None, num_cpus: int 
         try:
             holder, fwd = _start_isolation(isolation, ports, log)
             _record_state(holder, fwd, ports, isolation, cpus)
+            head_ip = "127.0.0.1"
+            if layout and holder:
+                _make_bridge(holder)
+                head_ip = f"{SUBNET}.1"
             say(f"starting Ray head (token auth, {'private network namespace' if holder else 'host network'}) ...")
-            _ray_start_head(holder, ports[0], cpus, log)
+            _ray_start_head(holder, ports[0], cpus, log, head_ip)
             target = _wait_healthy(deadline_s=120)
             say(f"local Ray head is up at {target.ray_address} ({time.monotonic() - t0:.1f} s)")
+            if layout and holder:
+                _start_worker_nodes(holder, layout, log, say)
             return target
         except BaseException:
             _stop_locked(say, quiet=True)
@@ -458,20 +500,189 @@ def _record_state(holder: int | None, fwd: int | None, ports: list[int], isolati
     )
 
 
-def _ray_start_head(holder: int | None, dash: int, cpus: int, log: Any) -> None:
+def _ray_start_head(holder: int | None, dash: int, cpus: int, log: Any, node_ip: str = "127.0.0.1") -> None:
     """``ray start --head`` (inside the namespace when there is one), umask 077."""
-    temp_dir = _ray_temp_dir()
-    prefix = _nsenter(holder) if holder else []
-    cmd = [
-        *prefix, _ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1",
+    _ray_start(holder, [
+        "--head", f"--node-ip-address={node_ip}", f"--port={GCS_PORT}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={cpus}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]  # fmt: skip
+    ], log, node_ip=node_ip if node_ip != "127.0.0.1" else None)  # fmt: skip
+
+
+def _ray_start(
+    holder: int | None, args: list[str], log: Any, temp_dir: str | None = None, node_ip: str | None = None
+) -> None:
+    """``ray start ARGS`` inside ``holder``'s namespace (or on the host network), umask 077."""
+    temp_dir = temp_dir or _ray_temp_dir()
+    prefix = _nsenter(holder) if holder else []
+    cmd = [*prefix, _ray_bin(), "start", *args, f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     res = subprocess.run(  # umask 077: everything Ray and the runs create is private
-        cmd, env=_ray_env(temp_dir), stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=180, umask=0o077
+        cmd, env=_ray_env(temp_dir, node_ip), stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=180, umask=0o077
     )
     if res.returncode != 0:
         raise RlfleetError(f"'ray start' failed (exit {res.returncode}); see {state_dir() / 'ray-start.log'}")
+
+
+# -- worker nodes (multi-node local cluster) -------------------------------------------------------
+
+
+def _node_layout(
+    nodes: int | None, node_cpus: int, node_gpus: Sequence[float] | float, isolation: str
+) -> list[tuple[int, float]] | None:
+    """[(cpus, gpus)] per worker node, checked; None when the caller takes whatever runs."""
+    if nodes is None:
+        return None
+    if not 0 <= nodes <= MAX_NODES:
+        raise ConfigError(f"nodes must be between 0 and {MAX_NODES}, not {nodes}")
+    if nodes and isolation != "netns":
+        raise ConfigError(
+            "worker nodes need network namespaces (each node has its own); unset RLFLEET_LOCAL_ISOLATION=none"
+        )
+    if node_cpus < 1:
+        raise ConfigError(f"node cpus must be at least 1, not {node_cpus}")
+    gpus = [float(node_gpus)] * nodes if isinstance(node_gpus, (int, float)) else [float(g) for g in node_gpus]
+    if len(gpus) != nodes:
+        raise ConfigError(f"node gpus: give one number, or one per worker node ({nodes}), not {len(gpus)}")
+    if any(g < 0 for g in gpus):
+        raise ConfigError(f"node gpus must not be negative: {gpus}")
+    return [(node_cpus, g) for g in gpus]
+
+
+def _ip(holder: int, *args: str) -> None:
+    """``ip ARGS`` inside ``holder``'s network namespace."""
+    res = subprocess.run([*_nsenter(holder), "ip", *args], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise RlfleetError(f"'ip {' '.join(args)}' failed: {res.stderr.strip()}")
+
+
+def _make_bridge(holder: int) -> None:
+    """The private bridge inside the head's namespace; the head's node address is on it."""
+    _ip(holder, "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0")  # ports forward at link up
+    _ip(holder, "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+    _ip(holder, "link", "set", BRIDGE, "up")
+    _default_route(holder, BRIDGE)
+
+
+def _default_route(holder: int, dev: str) -> None:
+    """An on-link default route: Ray finds a process's node IP by the source address the kernel picks
+    for a UDP 'connect' to a public address (no packet is sent). Without it a driver or worker falls
+    back to the host's name and registers with the wrong node. Nothing forwards beyond the bridge:
+    a packet to any other address finds no neighbour and is dropped."""
+    _ip(holder, "route", "add", "default", "dev", dev)
+
+
+def _start_worker_nodes(head: int, layout: list[tuple[int, float]], log: Any, say: Callable[[str], None]) -> None:
+    t0 = time.monotonic()
+    records = []
+    for i, (cpus, gpus) in enumerate(layout, start=1):
+        records.append(_worker_namespace(head, i, cpus, gpus))
+        st = read_state()
+        st["nodes"] = records
+        _write_state(st)  # recorded before Ray starts there: a failed start still stops it
+    for rec in records:
+        _ray_start_worker(rec, log)
+    say(f"{len(layout)} worker node(s) joined ({time.monotonic() - t0:.1f} s): "
+        + ", ".join(f"{r['name']} {r['ip']} cpus={r['cpus']} gpus={r['gpus']:g}" for r in records))
+
+
+def _worker_namespace(head: int, i: int, cpus: int, gpus: float) -> dict[str, Any]:
+    """Worker ``i``'s namespace (a child of the head's user namespace when not root), wired to the
+    bridge by the veth ``rlv<i>`` (head side) / ``eth0`` (node side)."""
+    proc = subprocess.Popen(
+        [*_nsenter(head), "unshare", "--net", "sleep", "infinity"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, umask=0o077,
+    )  # fmt: skip
+    head_ns = _netns_inode(head)
+    deadline = time.monotonic() + 5
+    while _netns_inode(proc.pid) in (head_ns, _netns_inode("self"), None) or _cmdline(proc.pid) != [
+        b"sleep", b"infinity"
+    ]:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RlfleetError(f"cannot create the network namespace of worker node {i}")
+        time.sleep(0.02)
+    ip = f"{SUBNET}.{i + 1}"
+    _ip(head, "link", "add", f"rlv{i}", "type", "veth", "peer", "name", "eth0", "netns", str(proc.pid))
+    _ip(head, "link", "set", f"rlv{i}", "master", BRIDGE, "up")
+    _ip(proc.pid, "link", "set", "lo", "up")
+    _ip(proc.pid, "addr", "add", f"{ip}/24", "dev", "eth0")
+    _ip(proc.pid, "link", "set", "eth0", "up")
+    _default_route(proc.pid, "eth0")
+    return {"name": f"worker-{i}", "ip": ip, "cpus": cpus, "gpus": gpus, "holder_pid": proc.pid,
+            "holder_start": proc_start_time(proc.pid), "netns_inode": _netns_inode(proc.pid)}  # fmt: skip
+
+
+def _ray_start_worker(rec: dict[str, Any], log: Any) -> None:
+    # Each node its own temp dir (inside the private parent), as on separate machines: Ray caches a
+    # node's IP in its session dir, and a driver reading the head's would register with the head.
+    _ray_start(rec["holder_pid"], [
+        f"--address={SUBNET}.1:{GCS_PORT}", f"--node-ip-address={rec['ip']}", f"--num-cpus={rec['cpus']}",
+        f"--num-gpus={rec['gpus']:g}", f"--object-store-memory={WORKER_OBJECT_STORE_BYTES}",
+    ], log, str(_temp_parent() / rec["name"].replace("worker-", "w")), rec["ip"])  # fmt: skip
+
+
+def _verified_nodes(st: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    """The recorded worker nodes whose namespace holder is still that very process, with its PID."""
+    out = []
+    for rec in st.get("nodes", []):
+        if not isinstance(rec, dict):
+            continue
+        pid = _same_process({"boot_id": st.get("boot_id"), **rec}, "holder")
+        if pid is None:
+            continue
+        ino = _netns_inode(pid)
+        if ino is not None and ino == rec.get("netns_inode") and ino != _netns_inode("self"):
+            if _cmdline(pid) == [b"sleep", b"infinity"]:
+                out.append((rec, pid))
+    return out
+
+
+def _node(name: str) -> tuple[dict[str, Any], int]:
+    st = read_state()
+    for rec, pid in _verified_nodes(st):
+        if rec["name"] == name:
+            return rec, pid
+    names = [r.get("name") for r in st.get("nodes", [])]
+    raise ConfigError(f"no running local worker node {name!r} (nodes: {', '.join(map(str, names)) or 'none'})")
+
+
+def node_stop(name: str, *, hard: bool = True) -> int:
+    """Stop worker node ``name``'s Ray processes (SIGKILL: a node lost; else SIGTERM), keeping its
+    namespace so :func:`node_start` can bring it back. Returns how many processes were signalled."""
+    with _lock():
+        rec, holder = _node(name)
+        procs = {p: proc_start_time(p) for p in _netns_pids(rec["netns_inode"], exclude=holder)}
+        for p, start in procs.items():
+            _signal(p, start, signal.SIGKILL if hard else signal.SIGTERM)
+        return len(procs)
+
+
+def node_start(name: str) -> None:
+    """(Re)start Ray on worker node ``name`` (after :func:`node_stop`): it joins as a new node."""
+    with _lock():
+        rec, _ = _node(name)
+        with _private_open(state_dir() / f"ray-start-{name}.log") as log:
+            _ray_start_worker(rec, log)
+
+
+def node_link(name: str, *, up: bool) -> None:
+    """Cut worker node ``name`` off the bridge (link down) or reconnect it; its processes keep running."""
+    with _lock():
+        rec, _ = _node(name)
+        st = read_state()
+        holder = _verified_holder(st)
+        if holder is None:
+            raise ConfigError("the local Ray head is not running")
+        _ip(holder, "link", "set", f"rlv{rec['name'].rsplit('-', 1)[1]}", "up" if up else "down")
+
+
+def _netns_pids(inode: int, exclude: int | None = None) -> list[int]:
+    """This user's processes in the network namespace ``inode`` (other than ``exclude``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (os.getpid(), exclude) and _owned(int(entry)):
+            if _netns_inode(entry) == inode:
+                out.append(int(entry))
+    return out
 
 
 def _wait_healthy(deadline_s: float) -> Target:
@@ -510,7 +721,10 @@ def _stop_locked(say: Callable[[str], None], quiet: bool = False) -> bool:
     fwd = _verified_forwarder(st, holder)
     if not quiet:
         say("stopping the local Ray head ...")
-    _stop_cluster_processes(_ray_temp_dir(), holder)
+    nodes = _verified_nodes(st)
+    _stop_cluster_processes(_ray_temp_dir(), holder, [rec["netns_inode"] for rec, _ in nodes])
+    for rec, pid in nodes:
+        _signal(pid, rec["holder_start"])
     if fwd is not None:
         _signal(fwd, st.get("forwarder_start") or proc_start_time(fwd))  # legacy state: just verified
     if holder is not None:
@@ -576,8 +790,17 @@ def _cluster_pids(temp_dir: str, holder: int | None = None) -> list[int]:
     return pids
 
 
-def _stop_cluster_processes(temp_dir: str, holder: int | None, grace_s: float = 10.0) -> None:
-    procs = {pid: proc_start_time(pid) for pid in _cluster_pids(temp_dir, holder)}
+def _holders(st: dict[str, Any]) -> set[int]:
+    return {pid for _, pid in _verified_nodes(st)}
+
+
+def _stop_cluster_processes(
+    temp_dir: str, holder: int | None, node_inodes: Sequence[int] = (), grace_s: float = 10.0
+) -> None:
+    pids = set(_cluster_pids(temp_dir, holder))
+    for ino in node_inodes:  # the verified worker nodes' processes (their holders are signalled after)
+        pids |= set(_netns_pids(ino)) - {rec_pid for rec_pid in _holders(read_state())}
+    procs = {pid: proc_start_time(pid) for pid in pids}
     for pid, start in procs.items():
         _signal(pid, start, signal.SIGTERM)
 
@@ -604,6 +827,9 @@ def local_status() -> dict[str, Any]:
         "artifact_root": target.artifact_root,
         "token_file": str(token_path()),
         "started_at": st.get("started_at"),
+        "nodes": [
+            {k: n.get(k) for k in ("name", "ip", "cpus", "gpus")} for n in st.get("nodes", []) if isinstance(n, dict)
+        ],
     }
 
 
@@ -660,3 +886,23 @@ def scan_leftovers(target: Target) -> list[Leftover]:
 
 def cost_inputs(target: Target) -> CostInputs:
     raise ConfigError(f"target {target.name!r} (local) has no cloud stack to price")
+
+
+# -- hooks for the local run supervisor (rlfleet.provisioners.local_supervisor) ---------------------
+state_lock = _lock  # the lock every start/stop of this home's head holds
+boot_id = _boot_id
+signal_process = _signal  # signals pid only while it is still the process that started at `start`
+private_open = _private_open
+
+
+def is_own_live_process(pid: int, start: int | None) -> bool:
+    """``pid`` is alive, this user's, and still the process that started at ``start``."""
+    return _alive(pid) and _owned(pid) and proc_start_time(pid) == start
+
+
+def head_process_launch() -> tuple[list[str], dict[str, str]]:
+    """(command prefix, environment) for a process that belongs to the running head: it runs in the
+    head's namespace (or carries its RAY_TMPDIR marker), so local_down() stops it with the head."""
+    st = read_state()
+    holder = _verified_holder(st) if st.get("isolation") == "netns" else None
+    return (_nsenter(holder) if holder else []), _ray_env(_ray_temp_dir())

@@ -24,11 +24,12 @@ Adding a target kind: a provisioner module, a reference model in :mod:`.refs`, a
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, get_args
 
-from rlfleet.errors import ClusterUnreachable, ConfigError
+from rlfleet.errors import ClusterUnreachable, ConfigError, RlfleetError
 from rlfleet.provisioners.refs import AnsibleRef, LocalRef, NoRef, PulumiRef, parse_ref
 
 if TYPE_CHECKING:
@@ -71,16 +72,32 @@ class KindSpec:
     billable: bool = False  # 'rlfleet up' shows a cost estimate and asks first
     teardown: str | None = None  # the cloud's tag-sweep module (rlfleet.teardown.<cloud>)
     head_front: bool = False  # deploy runs go to the head: it runs the TLS front of the deploy ports
+    supervisor: str | None = None  # module running the target's run supervisor (queue, restarts), if any
+    # no supervisor of ours to start, but a cluster may run one: supervised while its heartbeat in
+    # the target's store (queue/supervisor.json) is fresh
+    announced_supervisor: bool = False
+    # what a user does when that heartbeat is missing or stale
+    supervisor_hint: str = "start one on the cluster (python -m rlfleet.supervisor)"
 
+
+# the cloud head's bootstrap runs the supervisor as the rlfleet-supervisor unit, its queue and
+# heartbeat in the stack's bucket (infra_cloud/shared/rlfleet_cloud/files/bootstrap.sh)
+_CLOUD_HINT = ("start it on the head ('systemctl start rlfleet-supervisor'; the head's bootstrap installs it: "
+               "a head booted before that needs 'rlfleet up' and a new head, docs/scale-out.md) and check that "
+               "this machine can read the bucket")
 
 KINDS: dict[str, KindSpec] = {
-    "local": KindSpec(LocalRef, "rlfleet.provisioners.local", embedded=True),
+    "local": KindSpec(LocalRef, "rlfleet.provisioners.local", embedded=True,
+                      supervisor="rlfleet.provisioners.local_supervisor"),
     "aws": KindSpec(PulumiRef, "rlfleet.provisioners.pulumi_stack", billable=True, teardown="rlfleet.teardown.aws",
-                    head_front=True),
+                    head_front=True, announced_supervisor=True, supervisor_hint=_CLOUD_HINT),
     "gcp": KindSpec(PulumiRef, "rlfleet.provisioners.pulumi_stack", billable=True, teardown="rlfleet.teardown.gcp",
-                    head_front=True),
-    "onprem": KindSpec(AnsibleRef, "rlfleet.provisioners.ansible_site"),
-    "ray": KindSpec(NoRef, "rlfleet.provisioners.external", managed=False),
+                    head_front=True, announced_supervisor=True, supervisor_hint=_CLOUD_HINT),
+    # site.yml runs the supervisor as the rlfleet-supervisor unit on the head (ray_runtime role)
+    "onprem": KindSpec(AnsibleRef, "rlfleet.provisioners.ansible_site", announced_supervisor=True,
+                       supervisor_hint="start it on the head ('systemctl start rlfleet-supervisor'; site.yml "
+                       "installs it) and check that this machine sees the NAS (client_artifact_root)"),
+    "ray": KindSpec(NoRef, "rlfleet.provisioners.external", managed=False, announced_supervisor=True),
 }
 if set(KINDS) != set(get_args(TargetKind)):
     raise AssertionError("KINDS and TargetKind must name the same kinds")
@@ -139,8 +156,68 @@ def ref_of(target: Target, cls: type[R]) -> R:
 
 
 def ready(target: Target) -> Target:
-    """The target ready for a run: the local head is started (or reused); others as they are."""
-    return provisioner_of(target).ready(target) if spec(target.kind).managed else target
+    """The target ready for a run: the local head is started (or reused), with its run supervisor;
+    others as they are."""
+    out = provisioner_of(target).ready(target) if spec(target.kind).managed else target
+    if spec(target.kind).supervisor:
+        importlib.import_module(cast(str, spec(target.kind).supervisor)).ensure_supervisor(out)
+    return out
+
+
+LIVE_CACHE_S = 5.0  # how long one look at a target's supervisor heartbeat is trusted
+_live: dict[tuple[str, str], tuple[float, bool]] = {}
+
+
+def supervised(target: Target) -> bool:
+    """Do runs on this target go through the run queue of a supervisor inside the cluster? Kinds
+    with a supervisor module always do; a ``ray`` target does while a live supervisor announces
+    itself in the target's store (its heartbeat, :meth:`QueueStore.supervisor_live`)."""
+    ks = spec(target.kind)
+    if ks.supervisor is not None:
+        return True
+    if not ks.announced_supervisor:
+        return False
+    key, now = (target.reader_artifact_root, target.ray_address), time.monotonic()
+    seen = _live.get(key)
+    if seen is None or now - seen[0] > LIVE_CACHE_S:
+        from rlfleet.artifacts import ArtifactStore
+        from rlfleet.runqueue import QueueStore
+
+        try:  # one attempt: a store that does not answer is not a supervisor
+            store = ArtifactStore(target.reader_artifact_root, storage_options=target.storage_options, retries=1)
+            live = QueueStore(store).supervisor_live()
+        except (RlfleetError, OSError):
+            live = False  # the store does not answer: runs go straight to Ray, as without a supervisor
+        seen = _live[key] = (now, live)
+    return seen[1]
+
+
+def may_queue(target: Target) -> bool:
+    """Could this target's runs be in its run queue (a kind with a supervisor, or one whose cluster
+    may announce one)? A run Ray does not know is looked up there even while the heartbeat is stale
+    for a moment: a run queued while the supervisor was live must not vanish."""
+    ks = spec(target.kind)
+    return ks.supervisor is not None or ks.announced_supervisor
+
+
+def supervisor_missing(target: Target) -> str:
+    """Why a run with max_restarts is refused on this target (no supervisor restarts it)."""
+    ks = spec(target.kind)
+    if ks.announced_supervisor:
+        from rlfleet.runqueue import FRESH_S, HEARTBEAT, QUEUE_DIR
+
+        return (f"target {target.name!r} ({target.kind}) has no live run supervisor (none wrote "
+                f"{target.reader_artifact_root}/{QUEUE_DIR}/{HEARTBEAT} in the last {FRESH_S:.0f} s); "
+                f"{ks.supervisor_hint}, or submit without max_restarts")
+    return (f"target {target.name!r} ({target.kind}) runs no run supervisor, which restarts runs; submit "
+            "without max_restarts, or to a supervised target (local, or a ray target whose cluster runs one)")
+
+
+def nudge_supervisor(target: Target) -> None:
+    """Tell the target's supervisor a run was queued (where it can be told; else it polls)."""
+    mod = spec(target.kind).supervisor
+    if mod:
+        importlib.import_module(mod).nudge(target)
 
 
 def sweep_of(target: Target) -> StackSweep | None:

@@ -3,7 +3,8 @@
 # Installs the kit the stack shipped (objects in its bucket, pinned by sha256) in /opt/rlfleet/venv,
 # fetches the Ray token from the cloud's secret store (never from this script), starts Ray with
 # token auth as systemd units, and on the head puts nginx (TLS) in front of Ray's dashboard / Jobs
-# API and of the deploy ports. Safe to run again on every boot.
+# API and of the deploy ports and runs the run supervisor (rlfleet-supervisor). Safe to run again
+# on every boot.
 set -euo pipefail
 umask 077
 exec >>/var/log/rlfleet-bootstrap.log 2>&1
@@ -100,16 +101,23 @@ install_kit() (
 
 @@SETUP_MONITORING@@
 
-# nginx: the head's TLS front, as on-prem's tls_front role. The DLAMI / Deep Learning VM images
-# have no nginx; apt's lists may be missing on a fresh image (then one update).
-install_nginx() {
-  command -v nginx >/dev/null 2>&1 && return 0
-  log "installing nginx (the TLS front)"
-  local apt=(apt-get -qq -y --no-install-recommends -o Dpkg::Options::=--force-confold)
-  DEBIAN_FRONTEND=noninteractive "${apt[@]}" install nginx >/dev/null 2>&1 || {
-    apt-get -qq update
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install nginx
-  }
+# nginx: the head's TLS front, and haproxy: the balancer a named deployment's controller runs
+# (its own process as the rlfleet user, behind nginx), as on-prem's tls_front role installs them.
+# The DLAMI / Deep Learning VM images have neither; apt's lists may be missing on a fresh image
+# (then one update). The distro's haproxy.service is not used: stopped and disabled.
+install_front() {
+  local want=()
+  command -v nginx >/dev/null 2>&1 || want+=(nginx)
+  [ -x /usr/sbin/haproxy ] || want+=(haproxy)
+  if [ "${#want[@]}" -gt 0 ]; then
+    log "installing ${want[*]} (the TLS front and the serving balancer)"
+    local apt=(apt-get -qq -y --no-install-recommends -o Dpkg::Options::=--force-confold)
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${want[@]}" >/dev/null 2>&1 || {
+      apt-get -qq update
+      DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${want[@]}"
+    }
+  fi
+  systemctl disable --now haproxy.service >/dev/null 2>&1 || true
 }
 
 # This node's addresses a client may reach the deploy ports on: its private ip, and the static
@@ -186,6 +194,61 @@ EOF
   echo "}"
 }
 
+# The run supervisor (python -m rlfleet.supervisor, docs/scale-out.md), head only: it turns the
+# durable run queue into Ray jobs and restarts runs with max_restarts after infrastructure failures,
+# inside the cluster (the submitting machine may be gone). Its queue and heartbeat are
+# ${ARTIFACT_ROOT}/queue/ in the stack's bucket, reached with this node's own identity (instance
+# role / service account: nothing on its command line but paths and URIs). A unit of its own, not
+# part of the Ray unit: it outlives a restart of Ray (then restarts or fails the runs Ray forgot).
+# The same program, user and hardening as on-prem's unit (ansible ray_runtime role), minus the NAS:
+# it writes nothing on this disk. It polls the bucket every 2 s (2-3 requests a poll).
+render_supervisor_unit() {
+  cat <<UNIT
+[Unit]
+Description=rlfleet run supervisor (run queue, restarts)
+Wants=rlfleet-ray.service
+After=rlfleet-ray.service network-online.target
+
+[Service]
+Type=simple
+User=rlfleet
+Group=rlfleet
+WorkingDirectory=/var/lib/rlfleet
+Environment=HOME=/var/lib/rlfleet
+Environment=PYTHONUNBUFFERED=1
+Environment=PYTHONDONTWRITEBYTECODE=1
+# the Jobs API on loopback with the token read from its 0600 file (the path, never the token, is here)
+ExecStart=/opt/rlfleet/venv/bin/python -m rlfleet.supervisor --address http://127.0.0.1:8265 \
+  --token-file /etc/rlfleet/ray_token --root ${ARTIFACT_ROOT} --poll 2
+Restart=always
+RestartSec=5
+TimeoutStopSec=20
+UMask=0027
+NoNewPrivileges=true
+CapabilityBoundingSet=
+AmbientCapabilities=
+PrivateTmp=true
+PrivateDevices=true
+ProtectSystem=strict
+ProtectHome=true
+ProtectKernelTunables=true
+ProtectKernelModules=true
+ProtectKernelLogs=true
+ProtectControlGroups=true
+ProtectClock=true
+ProtectHostname=true
+RestrictSUIDSGID=true
+RestrictRealtime=true
+RestrictNamespaces=true
+LockPersonality=true
+SystemCallArchitectures=native
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
 log "start (stack ${STACK})"
 if ! id rlfleet >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/rlfleet --create-home --shell /usr/sbin/nologin rlfleet
@@ -222,7 +285,7 @@ if [ "$ROLE" = head ]; then
     gen_head_cert /etc/rlfleet/tls "$HEAD_PUBLIC_IP" "$NODE_IP"
   fi
   publish_ca /etc/rlfleet/tls/ca.pem
-  install_nginx
+  install_front
   render_nginx_conf >/etc/nginx/nginx.conf.rlfleet
   mv -f /etc/nginx/nginx.conf.rlfleet /etc/nginx/nginx.conf
   chmod 0644 /etc/nginx/nginx.conf
@@ -265,6 +328,12 @@ systemctl enable --now rlfleet-ray.service
 if [ "$ROLE" = head ]; then
   systemctl enable nginx.service
   systemctl restart nginx.service
+  render_supervisor_unit >/etc/systemd/system/rlfleet-supervisor.service
+  chmod 0644 /etc/systemd/system/rlfleet-supervisor.service
+  systemctl daemon-reload
+  systemctl enable rlfleet-supervisor.service
+  # restarted on every run of this script: a new kit or unit takes effect (its state is in the bucket)
+  systemctl restart rlfleet-supervisor.service
 fi
 
 if [ "$MAX_LIFETIME_MIN" -gt 0 ]; then
