@@ -25,6 +25,14 @@ def wait_resubmitted(q: QueueStore, run_id: str, timeout: float = 300, poll: flo
     return st
 
 
+def wait_queue_ended(q: QueueStore, run_id: str, timeout: float = 60, poll: float = 0.2) -> dict[str, Any]:
+    """The queue's record of a run that has ended: the supervisor writes it on its next poll after
+    the run ends (0.5-2 s later), so a reader that saw the run end must wait for it."""
+    return _wait_for("the supervisor recording the run's end in the queue",
+                     lambda: (lambda st: st if st.get("status") in _ENDED else None)(q.state(run_id) or {}),
+                     timeout, poll=poll)
+
+
 def assert_resumed_from_checkpoint(run: Any, *, ckpt: int, step_at_kill: int, steps: int, every: int,
                                    timeout: float) -> tuple[dict[str, Any], dict[str, Any], int]:
     """The restarted run ends SUCCEEDED with one restart, resumed from the checkpoint at or after

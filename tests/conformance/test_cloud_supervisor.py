@@ -21,7 +21,7 @@ from rlfleet import RunSpec, submit_run
 from rlfleet.provisioners import registry
 from rlfleet.runqueue import DISPATCHED, QueueStore
 
-from .restarts import assert_resumed_from_checkpoint, wait_resubmitted
+from .restarts import assert_resumed_from_checkpoint, wait_queue_ended, wait_resubmitted
 from .targets import ConformanceTarget, _pids_with_env
 from .test_scenarios import _wait_for
 
@@ -116,7 +116,7 @@ def test_a_sigkilled_trainer_is_restarted_from_its_checkpoint_by_the_heads_super
     t_resubmitted = time.monotonic() - t_kill
     info, resumed, lost = assert_resumed_from_checkpoint(managed, ckpt=ckpt, step_at_kill=step_at_kill,
                                                          steps=STEPS, every=EVERY, timeout=tgt.timeout)
-    state = q.state(managed.run_id) or {}
+    state = wait_queue_ended(q, managed.run_id)
     assert state["status"] == "SUCCEEDED" and len(state["history"]) == 1, state
     assert q.request(managed.run_id) is None  # done: the request is gone from the bucket
     assert _unit_pid(tgt) == supervisor_before  # the same unit did it; it did not restart

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conformance.restarts import assert_resumed_from_checkpoint, wait_resubmitted
+from conformance.restarts import assert_resumed_from_checkpoint, wait_queue_ended, wait_resubmitted
 from conformance.targets import _pids_with_env
 from conformance.test_scenarios import _wait_for as _wait
 
@@ -184,7 +184,7 @@ def test_sigkilled_trainer_restarts_and_a_full_cluster_queues(onprem: Onprem) ->
     assert quick.wait(timeout=300) is RunStatus.SUCCEEDED, quick.failure_reason()
     assert bad.wait(timeout=300) is RunStatus.FAILED
     assert "no_such_kwarg" in bad.failure_reason()
-    states = {r.run_id: q.state(r.run_id) or {} for r in (managed, quick, bad)}
+    states = {r.run_id: wait_queue_ended(q, r.run_id) for r in (managed, quick, bad)}
     assert states[bad.run_id]["restarts"] == 0 and states[bad.run_id]["status"] == "FAILED"
     history = states[managed.run_id]["history"]
     assert len(history) == 1, history

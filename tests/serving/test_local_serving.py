@@ -40,6 +40,13 @@ def _observed(dep: Any) -> dict[str, Any]:
     return dep.registry.status() or {}
 
 
+def _wait(cond: Any, timeout: float, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.2)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -299,13 +306,21 @@ def test_bad_input_one_line_nothing_changed(dep: Any, serving_runs: dict[str, st
 
 
 def test_status_and_list_from_the_cli(dep: Any) -> None:
+    before = (_observed(dep).get("versions") or {}).get("1", {}).get("requests_total", 0)
     Traffic(dep).send(100)  # latency figures cover the SLO window (3 s here)
+    t_sent = time.monotonic()
+    # status.json is the controller's last observation (a round a second, each replica answering
+    # for the round before at the latest): wait for one that counts the 100 requests
+    _wait(lambda: (_observed(dep).get("versions") or {}).get("1", {}).get("requests_total", 0) >= before + 100, 20,
+          "a status that counts the 100 requests")
+    print(f"requests_total {before} -> {_observed(dep)['versions']['1']['requests_total']}: "
+          f"counted {time.monotonic() - t_sent:.2f} s after the last request")
     out = _cli("deploy", NAME, "--status", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["state"]["live"] == 1 and doc["observed"]["versions"]["1"]["replicas"] == 2
     assert [v["version"] for v in doc["versions"]] == [1, 2, 3, 4, 5]
-    assert doc["observed"]["versions"]["1"]["requests_total"] >= 100
+    assert doc["observed"]["versions"]["1"]["requests_total"] >= before + 100
     text = _cli("deploy", NAME, "--status")
     assert text.returncode == 0 and "p99 ms" in text.stdout and "live" in text.stdout, text.stderr
     listed = json.loads(_cli("deployments", "--json").stdout)
