@@ -115,8 +115,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1_000_000, help="env steps per run (both kits)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--eval-episodes", type=int, default=10, help="deterministic episodes per final evaluation")
+    ap.add_argument("--kits", default="ours,sb3", help="comma-separated: ours, sb3 (a partial run measures one)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    kits = [k.strip() for k in args.kits.split(",") if k.strip()]
+    if not kits or set(kits) - {"ours", "sb3"}:
+        raise SystemExit(f"--kits: choose from ours, sb3 (got {args.kits!r})")
     envs = [e.strip() for e in args.envs.split(",") if e.strip()]
     for e in envs:
         _family(e)
@@ -125,25 +129,27 @@ def main() -> None:
 
     torch.set_num_threads(1)
     result: dict[str, Any] = {"machine": machine(), "protocol": {
-        "steps": args.steps, "seeds": args.seeds, "envs": envs, "eval_episodes": args.eval_episodes,
+        "steps": args.steps, "seeds": args.seeds, "envs": envs, "kits": kits, "eval_episodes": args.eval_episodes,
         "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs}}, "envs": {}}
     for env_id in envs:
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "sb3": []}
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kits}
+        kit_fn = {"ours": ours, "sb3": sb3}
         for seed in range(args.seeds):  # interleaved: load on the shared machine hits both kits alike
-            runs["ours"].append(ours(env_id, seed, args.steps, args.eval_episodes))
-            runs["sb3"].append(sb3(env_id, seed, args.steps, args.eval_episodes))
-            print(f"{env_id} seed {seed}: ours {runs['ours'][-1]}, SB3 {runs['sb3'][-1]}", file=sys.stderr, flush=True)
-        o, s = summary(runs["ours"]), summary(runs["sb3"])
-        ref_mean, ref_std = CLEANRL_1M[_family(env_id)]
-        result["envs"][env_id] = {
-            "ours": o, "sb3": s,
-            "wall_time_ratio_ours_over_sb3": round(o["wall_time_s_mean"] / s["wall_time_s_mean"], 3),
-            "cpu_time_ratio_ours_over_sb3": round(o["cpu_time_s_mean"] / s["cpu_time_s_mean"], 3),
-            "cleanrl_published_1M": {"return_mean": ref_mean, "return_std": ref_std,
-                                     "env": env_id.replace("-v5", "-v4"), "steps": 1_000_000},
-        }
-        if args.json_out:  # partial results survive an interrupted long run
-            emit(result, args.json_out)
+            for k in kits:
+                runs[k].append(kit_fn[k](env_id, seed, args.steps, args.eval_episodes))
+            print(f"{env_id} seed {seed}: " + ", ".join(f"{k} {runs[k][-1]}" for k in kits),
+                  file=sys.stderr, flush=True)
+            ref_mean, ref_std = CLEANRL_1M[_family(env_id)]
+            row: dict[str, Any] = {k: summary(runs[k]) for k in kits}
+            if len(kits) == 2:
+                o, s = row["ours"], row["sb3"]
+                row["wall_time_ratio_ours_over_sb3"] = round(o["wall_time_s_mean"] / s["wall_time_s_mean"], 3)
+                row["cpu_time_ratio_ours_over_sb3"] = round(o["cpu_time_s_mean"] / s["cpu_time_s_mean"], 3)
+            row["cleanrl_published_1M"] = {"return_mean": ref_mean, "return_std": ref_std,
+                                           "env": env_id.replace("-v5", "-v4"), "steps": 1_000_000}
+            result["envs"][env_id] = row
+            if args.json_out:  # partial results (after every seed) survive an interrupted long run
+                emit(result, args.json_out)
     emit(result, args.json_out)
 
 
