@@ -54,6 +54,12 @@ def served(trained_root, tmp_path: Path) -> Iterator[dict]:
     rec = StatsRecorder(policy.act, seed=5)
     evaluate(rec, "CartPole-v1", 6, seed=777)
     pool, actions = rec.sample()
+    # the test's traffic draws rows of the pool at random (i.i.d.), so the levels are calibrated on the
+    # pool in a random order, the way that traffic arrives. Calibrated on the episodes as recorded, they
+    # belong to the policy (e.g. cart velocity 1.87, above the +1 std shift's PSI of 1.30 after 800
+    # requests, for a policy trained on another CPU's BLAS): episode traffic is test_drift_episodes.py
+    perm = np.random.default_rng(11).permutation(len(pool))
+    pool, actions = pool[perm], actions[perm]
     stats = compute_stats(pool, actions, action_kind="discrete", n_actions=2, source="test pool")
     (tmp_path / "root").mkdir()
     arts = open_run(f"file://{tmp_path / 'root'}", "dep-obs")
