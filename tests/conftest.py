@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["XDG_CONFIG_HOME"] = str(base / "config")
     os.environ.pop("RLFLEET_TARGET", None)
     os.environ.pop("RLFLEET_CONFIG", None)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures tests record (``record_property("figures", line)``) in one section of the output,
+    so a CI log holds them without ``-s``."""
+    lines = [f"{rep.nodeid}: {v}" for key in ("passed", "failed") for rep in terminalreporter.stats.get(key, [])
+             if getattr(rep, "when", "") == "call" for k, v in getattr(rep, "user_properties", []) if k == "figures"]
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def free_port() -> int:

@@ -12,6 +12,12 @@ from rlfleet.runqueue import QueueStore
 _ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
+def report(record_property: Any, text: str) -> None:
+    """Print the test's figures and record them for the run's "figures" section (tests/conftest.py)."""
+    print("\n" + text)
+    record_property("figures", text)
+
+
 def wait_resubmitted(q: QueueStore, run_id: str, timeout: float = 300, poll: float = 0.2) -> dict[str, Any]:
     """Wait for the supervisor to resubmit the killed run (attempt 1 dispatched), or to end it
     (then fail saying so: a kill after the run committed ends it SUCCEEDED, with no restart)."""

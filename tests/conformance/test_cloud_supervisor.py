@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from rlfleet import RunSpec, submit_run
 from rlfleet.provisioners import registry
 from rlfleet.runqueue import DISPATCHED, QueueStore
 
-from .restarts import assert_resumed_from_checkpoint, wait_queue_ended, wait_resubmitted
+from .restarts import assert_resumed_from_checkpoint, report, wait_queue_ended, wait_resubmitted
 from .targets import ConformanceTarget, _pids_with_env
 from .test_scenarios import _wait_for
 
@@ -81,7 +82,7 @@ def test_the_head_runs_the_supervisor_unit_announced_in_the_bucket(tgt: Conforma
 
 
 def test_a_sigkilled_trainer_is_restarted_from_its_checkpoint_by_the_heads_supervisor(
-        tgt: ConformanceTarget) -> None:
+        tgt: ConformanceTarget, record_property: Any) -> None:
     t0 = time.monotonic()
     managed = submit_run(RunSpec(kind="train", agent="ppo", env="slowenv:SlowEnv-v0", code=str(SLOWENV),
                                  env_kwargs={"step_ms": 5, "mode": "sleep"}, name="cloud-managed", seed=3,
@@ -120,7 +121,8 @@ def test_a_sigkilled_trainer_is_restarted_from_its_checkpoint_by_the_heads_super
     assert state["status"] == "SUCCEEDED" and len(state["history"]) == 1, state
     assert q.request(managed.run_id) is None  # done: the request is gone from the bucket
     assert _unit_pid(tgt) == supervisor_before  # the same unit did it; it did not restart
-    print(f"\n[{tgt.key}] managed run {managed.run_id}: SIGKILL at step >= {step_at_kill}, checkpoint {ckpt}; "
-          f"resubmitted {t_resubmitted:.1f} s after the kill, resumed at step {resumed['step']} "
-          f"(>= {lost} steps lost), restarts {info['restarts']}, SUCCEEDED {time.monotonic() - t_kill:.0f} s after "
-          f"the kill; first failure: {state['history'][0]['message'][:120]!r}; test {time.monotonic() - t0:.0f} s")
+    report(record_property,
+           f"[{tgt.key}] managed run {managed.run_id}: SIGKILL at step >= {step_at_kill}, checkpoint {ckpt}; "
+           f"resubmitted {t_resubmitted:.1f} s after the kill, resumed at step {resumed['step']} "
+           f"(>= {lost} steps lost), restarts {info['restarts']}, SUCCEEDED {time.monotonic() - t_kill:.0f} s after "
+           f"the kill; first failure: {state['history'][0]['message'][:120]!r}; test {time.monotonic() - t0:.0f} s")

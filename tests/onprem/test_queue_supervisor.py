@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conformance.restarts import assert_resumed_from_checkpoint, wait_queue_ended, wait_resubmitted
+from conformance.restarts import assert_resumed_from_checkpoint, report, wait_queue_ended, wait_resubmitted
 from conformance.targets import _pids_with_env
 from conformance.test_scenarios import _wait_for as _wait
 
@@ -122,7 +122,7 @@ def test_no_live_supervisor_refuses_max_restarts(onprem: Onprem) -> None:
     time.sleep(registry.LIVE_CACHE_S + 0.5)
 
 
-def test_sigkilled_trainer_restarts_and_a_full_cluster_queues(onprem: Onprem) -> None:
+def test_sigkilled_trainer_restarts_and_a_full_cluster_queues(onprem: Onprem, record_property: Any) -> None:
     """A managed run takes every CPU of the host; two runs submitted behind it wait QUEUED with
     their positions. Its trainer is SIGKILLed inside the host: the supervisor unit resubmits it
     from its checkpoint (restarts == 1); the queued runs run later; the one with a user error fails
@@ -188,11 +188,12 @@ def test_sigkilled_trainer_restarts_and_a_full_cluster_queues(onprem: Onprem) ->
     assert states[bad.run_id]["restarts"] == 0 and states[bad.run_id]["status"] == "FAILED"
     history = states[managed.run_id]["history"]
     assert len(history) == 1, history
-    print(f"\n[onprem] managed run {managed.run_id}: SIGKILL at step >= {step_at_kill}, checkpoint {ckpt}; "
-          f"resubmitted {t_resubmitted:.1f} s after the kill, resumed at step {resumed['step']} "
-          f"(>= {lost} steps lost: the steps of the iteration in "
-          f"progress at the kill are not reported; checkpoint interval {EVERY}); restarts {info['restarts']}; "
-          f"first failure: {history[0]['message'][:120]!r}; whole test {time.monotonic() - t0:.0f} s")
+    report(record_property,
+           f"[onprem] managed run {managed.run_id}: SIGKILL at step >= {step_at_kill}, checkpoint {ckpt}; "
+           f"resubmitted {t_resubmitted:.1f} s after the kill, resumed at step {resumed['step']} "
+           f"(>= {lost} steps lost: the steps of the iteration in "
+           f"progress at the kill are not reported; checkpoint interval {EVERY}); restarts {info['restarts']}; "
+           f"first failure: {history[0]['message'][:120]!r}; whole test {time.monotonic() - t0:.0f} s")
     first = states[managed.run_id]["history"][0]["at"]
     print("[onprem] queue states (dispatched: s after the managed run's first failure): " + json.dumps(
         {r.spec.name: [states[r.run_id].get("status"), round(states[r.run_id].get("dispatched", 0) - first, 1)]

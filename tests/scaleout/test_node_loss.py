@@ -11,6 +11,7 @@ supervisor resubmits the run under the same id on the other worker, resuming fro
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -63,7 +64,7 @@ def _rows(run: object) -> set[tuple[int, float]]:
 
 
 @pytest.mark.slow  # 100-150 s here (two PPO runs, Ray ~17 s to declare the node dead); CI runs it
-def test_a_managed_run_survives_losing_its_node(multinode: MultiNode) -> None:
+def test_a_managed_run_survives_losing_its_node(multinode: MultiNode, record_property: Any) -> None:
     _wait_supervised(multinode)
     assert registry.supervised(multinode.target)
     t_start = time.monotonic()
@@ -121,7 +122,7 @@ def test_a_managed_run_survives_losing_its_node(multinode: MultiNode) -> None:
     base_where = multinode.node_ip_of()[base._job()["driver_node_id"]]
     bm = base.artifacts().verify().extra
     ref = bm["final_eval"]
-    print(f"\nnode loss: run {run.run_id} trained on {lost} ({node_ip}); its node SIGKILLed at step >= "
+    figures = (f"node loss: run {run.run_id} trained on {lost} ({node_ip}); its node SIGKILLed at step >= "
           f"{step_at_kill} (last checkpoint {ckpt}); resumed on {WORKERS[new_node]} at step {resumed['step']}: "
           f">= {steps_lost} steps lost (interval {EVERY}); node loss -> restart queued {failed_s:.1f} s -> first "
           f"metrics row of the new attempt seen {back_s:.1f} s (polled every 0.5 s, rows flushed every 2 s); "
@@ -130,6 +131,8 @@ def test_a_managed_run_survives_losing_its_node(multinode: MultiNode) -> None:
           f"{final['mean']:.1f} +- {final['std']:.1f} vs uninterrupted (on {base_where}) {ref['mean']:.1f} +- "
           f"{ref['std']:.1f} ({bm['env_steps']} steps, solved at {bm.get('solved_step')}); managed run "
           f"{managed_s:.0f} s, whole test {time.monotonic() - t_start:.0f} s")
+    print("\n" + figures)
+    record_property("figures", figures)
     # within noise: the means differ by at most two standard errors of their difference (10 episodes
     # each); two solved policies (500 +- 0) must agree exactly. This is the evaluation's noise only:
     # a resumed run follows another trajectory than the uninterrupted one, which adds run-to-run spread
