@@ -7,6 +7,7 @@ Every request carries ``Authorization: Bearer <token>`` (Ray token auth).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -168,16 +169,25 @@ class JobsClient:
         status, _ = self._request("DELETE", f"/api/jobs/{submission_id}", ok404=True)
         return status != 404
 
-    def cluster_resources(self) -> dict[str, float]:
-        """The resources the cluster's ALIVE nodes declare, summed (CPU, GPU, custom ones)."""
+    def node_resources(self) -> builtins.list[dict[str, Any]]:
+        """What each ALIVE node declares: ``{"node_id": ..., "CPU": ..., "GPU": ..., <custom>: ...}``."""
         out = self._json("GET", "/nodes?view=summary") or {}
-        total: dict[str, float] = {}
+        nodes = []
         for node in (out.get("data") or {}).get("summary") or []:
             raylet = node.get("raylet") or {}
             if raylet.get("state") != "ALIVE":
                 continue
-            for k, v in (raylet.get("resourcesTotal") or {}).items():
-                total[k] = total.get(k, 0.0) + float(v)
+            nodes.append({"node_id": str(raylet.get("nodeId") or ""),
+                          **{k: float(v) for k, v in (raylet.get("resourcesTotal") or {}).items()}})
+        return nodes
+
+    def cluster_resources(self) -> dict[str, float]:
+        """The resources the cluster's ALIVE nodes declare, summed (CPU, GPU, custom ones)."""
+        total: dict[str, float] = {}
+        for node in self.node_resources():
+            for k, v in node.items():
+                if k != "node_id":
+                    total[k] = total.get(k, 0.0) + float(v)
         return total
 
     def logs(self, submission_id: str) -> str:

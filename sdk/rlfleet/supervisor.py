@@ -12,8 +12,9 @@ the live requests in memory, so it can be killed and restarted at any time:
   free CPUs/GPUs blocks the ones behind it (no overtaking by smaller runs), except when only its
   user's cap holds it back: then the next user's run goes;
 - free resources = what the ALIVE nodes declare (Ray's dashboard) minus what the non-terminal
-  rlfleet jobs reserve (their process's CPUs/GPUs and their env runners' CPUs); queued runs are
-  not Ray jobs (a Ray job supervisor costs tens of MB);
+  rlfleet jobs reserve (their process's CPUs/GPUs and their env runners' CPUs), counted over the
+  cluster and, for the run's process (which needs its CPUs/GPUs on one node), per node; queued
+  runs are not Ray jobs (a Ray job supervisor costs tens of MB);
 - a run with ``max_restarts`` whose job failed for an infrastructure reason (killed by a signal,
   its node or job supervisor gone, the job lost with the head) is resubmitted under the same run
   id with ``resume_uri`` its own last checkpoint; a user error (the run's own error exit, a bad
@@ -227,30 +228,45 @@ class Supervisor:
         self.q.put_state(rid, st)
 
     # -- dispatch --------------------------------------------------------------------------------
-    def _capacity(self) -> dict[str, float]:
-        return self.client.cluster_resources()
+    def _nodes(self) -> dict[str, dict[str, float]]:
+        """CPUs and GPUs per ALIVE node (one pooled node for a client that only sums them)."""
+        if not hasattr(self.client, "node_resources"):
+            cap = self.client.cluster_resources()
+            return {"": {"cpus": cap.get("CPU", 0.0), "gpus": cap.get("GPU", 0.0)}}
+        return {n["node_id"]: {"cpus": float(n.get("CPU", 0.0)), "gpus": float(n.get("GPU", 0.0))}
+                for n in self.client.node_resources()}
 
     def _dispatch(self, jobs: dict[Any, dict[str, Any]]) -> None:
+        """Room is counted twice: over the cluster (a run's process plus its env runners, which Ray
+        spreads over the nodes) and per node (the run's process, its ``num_cpus``/``num_gpus``, needs
+        them on ONE node; a job's process is charged to the node Ray ran it on, ``driver_node_id``).
+        A run whose process fits no node, or that needs more than the cluster has, is handed to Ray
+        at once and holds no room: Ray keeps it PENDING until a node that fits joins."""
         waiting = sorted((r for r in self.requests.values() if self.states[r.run_id]["status"] == "QUEUED"),
                          key=Request.order)
         if not waiting:
             return
-        cap = self._capacity()
-        total = {"cpus": cap.get("CPU", 0.0), "gpus": cap.get("GPU", 0.0)}
+        nodes = self._nodes()
+        total = {k: sum(n[k] for n in nodes.values()) for k in ("cpus", "gpus")}
         free = dict(total)
+        node_free = {nid: dict(n) for nid, n in nodes.items()}
         by_user: dict[str, dict[str, float]] = {}
         for j in jobs.values():
             md = j.get("metadata") or {}
             if str(j.get("status")) in TERMINAL or not md.get("rlfleet_run_id"):
                 continue
-            used = {"cpus": float(md.get("rlfleet_cpus") or 0) + float(md.get("rlfleet_runner_cpus") or 0),
-                    "gpus": float(md.get("rlfleet_gpus") or 0)}
-            if _oversized(used, total):
+            process = {"cpus": float(md.get("rlfleet_cpus") or 0), "gpus": float(md.get("rlfleet_gpus") or 0)}
+            used = {"cpus": process["cpus"] + float(md.get("rlfleet_runner_cpus") or 0), "gpus": process["gpus"]}
+            if _oversized(used, total) or not _fits_a_node(process, nodes):
                 continue  # Ray holds it PENDING until a node that fits joins: it reserves nothing
             u = by_user.setdefault(md.get("rlfleet_user") or "unknown", {"cpus": 0.0, "gpus": 0.0})
             for k in free:
                 free[k] -= used[k]
                 u[k] += used[k]
+            on = node_free.get(str(j.get("driver_node_id") or ""))
+            if on is not None:
+                for k in on:
+                    on[k] -= process[k]
         policy = self.q.policy()
         held_users: set[str] = set()
         now = time.time()
@@ -267,11 +283,14 @@ class Supervisor:
                 held_users.add(req.user)  # this user waits; others may go
                 continue
             want = {"cpus": req.cpus, "gpus": req.gpus}
-            if _oversized(want, total):  # bigger than the whole cluster now: Ray waits for a node that
-                if not delayed:  # fits (as without a queue), and it blocks nobody here
+            process = {"cpus": float(req.job.get("num_cpus") or 0), "gpus": float(req.job.get("num_gpus") or 0)}
+            if _oversized(want, total) or not _fits_a_node(process, nodes):
+                # bigger than the whole cluster, or than each of its nodes, now: Ray waits for a node
+                if not delayed:  # that fits (as without a queue), and it blocks nobody here
                     self._submit(req)
                 continue
-            if req.cpus > free["cpus"] + 1e-9 or req.gpus > free["gpus"] + 1e-9:
+            room = [nid for nid, n in node_free.items() if all(process[k] <= n[k] + 1e-9 for k in n)]
+            if req.cpus > free["cpus"] + 1e-9 or req.gpus > free["gpus"] + 1e-9 or not room:
                 break  # strict order: nothing overtakes the first run that does not fit
             if not delayed:
                 self._submit(req)
@@ -279,6 +298,11 @@ class Supervisor:
             free["gpus"] -= req.gpus
             mine["cpus"] += req.cpus
             mine["gpus"] += req.gpus
+            # charged to the node with the most room left for it (where Ray is likely to put it); the
+            # next pass charges it to the node Ray chose
+            best = max(room, key=lambda nid: (node_free[nid]["gpus"] >= process["gpus"], node_free[nid]["cpus"]))
+            for k in process:
+                node_free[best][k] -= process[k]
 
     def _submit(self, req: Request) -> None:
         st = self.states[req.run_id]
@@ -374,6 +398,11 @@ def _attempt(job: dict[str, Any]) -> int:
 
 def _oversized(want: dict[str, float], total: dict[str, float]) -> bool:
     return any(want[k] > total[k] + 1e-9 for k in want)
+
+
+def _fits_a_node(process: dict[str, float], nodes: dict[str, dict[str, float]]) -> bool:
+    """Does one node declare all of a run's process's CPUs and GPUs (free or not)?"""
+    return any(all(process[k] <= n[k] + 1e-9 for k in process) for n in nodes.values())
 
 
 def _with_resume(job: dict[str, Any], has_checkpoint: bool) -> dict[str, Any]:

@@ -159,6 +159,67 @@ def test_env_runners_count_in_the_queues_room(tmp_path: Path, monkeypatch: pytes
     assert cluster.submitted == [dist.run_id], "a run was dispatched into the CPUs the env runners hold"
 
 
+class _Nodes(_Cluster):
+    """The same, with the nodes Ray's dashboard lists (node id -> CPUs)."""
+
+    def __init__(self, nodes: dict[str, float], running: list[dict[str, Any]]) -> None:
+        super().__init__(sum(nodes.values()), running)
+        self.nodes = nodes
+
+    def node_resources(self) -> list[dict[str, Any]]:
+        return [{"node_id": nid, "CPU": cpus} for nid, cpus in self.nodes.items()]
+
+
+def _local_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from rlfleet.targets import local_target
+
+    monkeypatch.setenv("RLFLEET_HOME", str(tmp_path))
+    (tmp_path / "local").mkdir(mode=0o700)
+    (tmp_path / "local" / "token").write_text("t")
+    (tmp_path / "local" / "token").chmod(0o600)
+    return local_target()
+
+
+def test_a_run_that_fits_no_node_holds_no_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two nodes of 2 CPUs: a run whose process asks 3 CPUs fits the cluster's sum but no node. It is
+    handed to Ray (which keeps it PENDING until such a node joins) and holds no room, so the runs
+    behind it go (counted over the cluster only, it held 3 of the 4 CPUs and the 2-CPU run waited)."""
+    from rlfleet.supervisor import Supervisor
+
+    tgt = _local_queue(tmp_path, monkeypatch)
+    big = _submit(RunSpec(kind="train", agent="random", name="big", resources={"cpus": 3}), tgt, None)
+    two = _submit(RunSpec(kind="train", agent="random", name="two", resources={"cpus": 2}), tgt, None)
+    small = _submit(_quick("small"), tgt, None)
+    cluster = _Nodes({"n-a": 2, "n-b": 2}, [])
+    Supervisor(cluster, _queue(tgt)).step()  # type: ignore[arg-type]
+    assert cluster.submitted == [big.run_id, two.run_id, small.run_id]
+    cluster.jobs[two.run_id].update(status="RUNNING", driver_node_id="n-a")
+    cluster.jobs[small.run_id].update(status="RUNNING", driver_node_id="n-b")
+    more = _submit(_quick("more"), tgt, None)
+    Supervisor(cluster, _queue(tgt)).step()  # type: ignore[arg-type]  # a fresh one: from Ray's records
+    assert more.run_id in cluster.submitted  # n-b has 1 CPU left; the PENDING big run holds none
+
+
+def test_a_run_waits_for_a_node_with_room_for_its_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two nodes of 2 CPUs, one 1-CPU run on each: 2 CPUs are free over the cluster, but no node has 2
+    free, so a 2-CPU run stays queued (counted over the cluster only, it became a Ray job that Ray kept
+    PENDING, holding its place there and 2 CPUs of the queue's count) until a node has them."""
+    from rlfleet.supervisor import Supervisor
+
+    tgt = _local_queue(tmp_path, monkeypatch)
+    running = [{"submission_id": f"rl-{n}", "status": "RUNNING", "driver_node_id": n,
+                "metadata": {"rlfleet_run_id": f"rl-{n}", "rlfleet_cpus": "1.0"}} for n in ("n-a", "n-b")]
+    two = _submit(RunSpec(kind="train", agent="random", name="two", resources={"cpus": 2}), tgt, None)
+    cluster = _Nodes({"n-a": 2, "n-b": 2}, running)
+    Supervisor(cluster, _queue(tgt)).step()  # type: ignore[arg-type]
+    assert cluster.submitted == [], "dispatched with 1 CPU free on each node"
+    q = _queue(tgt)
+    assert q.request(two.run_id) is not None and (q.state(two.run_id) or {}).get("status") in (None, "QUEUED")
+    running[1]["status"] = "SUCCEEDED"
+    Supervisor(cluster, _queue(tgt)).step()  # type: ignore[arg-type]
+    assert cluster.submitted == [two.run_id]
+
+
 def test_priority_then_fifo_and_queued_position(local_cluster: Any) -> None:
     """Queued while the supervisor is down; it then dispatches by priority, then submission time."""
     tgt = submit_run(_quick("order-warmup", steps=5)).result(120).target
