@@ -46,6 +46,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("RLFLEET_CONFIG", None)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    """In a module marked ``figures``, a test's printed lines (setup and call) are its figures."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when == "call" and item.get_closest_marker("figures") is not None:
+        rep.user_properties.extend(("figures", line.strip()) for line in rep.capstdout.splitlines() if line.strip())
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The figures tests record (``record_property("figures", line)``) in one section of the output,
     so a CI log holds them without ``-s``."""

@@ -22,6 +22,8 @@ from rlfleet_agents.drift import (
     psi,
 )
 
+pytestmark = pytest.mark.figures
+
 SCALE = np.array([0.1, 0.5, 0.05, 0.8])
 
 

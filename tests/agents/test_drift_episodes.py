@@ -15,6 +15,8 @@ from rlfleet.artifacts import open_run
 from rlfleet_agents.drift import CAL_MARGIN, PSI_ALERT, STATS_FILE, DriftMonitor, load_stats
 from rlfleet_agents.policy import OnnxPolicy
 
+pytestmark = pytest.mark.figures
+
 REQUESTS = 20_000
 
 

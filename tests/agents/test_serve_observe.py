@@ -27,6 +27,8 @@ from rlfleet_agents.policy import OnnxPolicy
 from rlfleet_agents.serve import PolicyApp, bind_socket, make_server
 from rlfleet_agents.servemetrics import STATUS_FILE, ServeObserver
 
+pytestmark = pytest.mark.figures
+
 TOKEN = "observe-secret-token-5f0c1e"
 
 

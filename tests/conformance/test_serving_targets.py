@@ -26,7 +26,7 @@ from .conftest import TARGETS
 from .targets import ConformanceTarget
 from .test_scenarios import _ppo_run, _wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.figures]
 
 SERVING_TARGETS = [p for p in TARGETS if p.values[0] in ("local", "onprem", "aws-node", "gcp-node")]
 NAME = "conformance-serving"

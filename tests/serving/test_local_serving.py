@@ -29,7 +29,7 @@ from .traffic import OBS, Traffic, replica_loss
 NAME = "cartpole"
 RLFLEET = str(Path(sys.executable).parent / "rlfleet")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.figures]
 
 
 def _state(dep: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from rlfleet.deployments import deploy
 from .policies import argmax_onnx, write_policy_run
 from .traffic import Traffic, replica_loss
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.figures]
 
 NAME = "spread"
 HEAD = "10.87.0.1"
