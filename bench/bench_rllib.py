@@ -24,7 +24,15 @@ mean over its last ~100 episodes at the end (RLlib reports each iteration's mean
 that ended in it: those are weighted by their counts, newest first, until >= 100). The env's best is
 100 (reward 1 per right action, 100 steps); a random policy gets ~50.
 
+With ``--nodes N`` both sides run on ONE multi-node cluster instead (``rlfleet local up --nodes N``:
+a head of 1 CPU plus N worker nodes of 1 CPU, each in its own network namespace on a private
+bridge): ours as above; RLlib's rows as Ray jobs of that cluster whose entrypoint (the driver, with
+the learner) is the RLlib venv's python and whose workers run it too (runtime_env ``py_executable``:
+both venvs have Ray 2.60.0 on Python 3.11). Both entrypoints reserve 1 CPU, so on both sides the
+env runners go to the other nodes; each row records the nodes its driver and actors ran on.
+
 Usage: nice -n 10 .venv/bin/python bench/bench_rllib.py [--quick] [--write] [--json FILE]
+                                                        [--nodes 4] [--modes cpu,sleep]
 (17-19 min here at load 15-34, most of it each row's start-up on both sides; --quick: half the steps)
 """
 
@@ -34,6 +42,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -138,6 +147,72 @@ def rllib_worker() -> int:
     return 0
 
 
+def rllib_job(case_json: str) -> int:
+    """One row as a Ray job of the multi-node cluster (``--nodes``): the driver is this process (the
+    learner, on the head node), the env runners Ray actors that Ray places on the worker nodes."""
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    ray.init(log_to_driver=False)  # the job's cluster (RAY_ADDRESS, its token: from the job supervisor)
+    try:
+        answer = rllib_row(json.loads(case_json))
+    except Exception as err:
+        import traceback
+
+        traceback.print_exc()
+        answer = {"error": f"{type(err).__name__}: {err}"}
+    print(MARK + json.dumps(answer), flush=True)
+    return 0
+
+
+class RLlibJobs:
+    """The RLlib side on the same multi-node cluster as ours: each row a Ray job whose entrypoint is the
+    RLlib venv's python and whose workers (the env runner actors) run that python too (runtime_env
+    ``py_executable``: both venvs have Ray 2.60.0 on Python 3.11, so they join the same cluster)."""
+
+    def __init__(self, py: Path, target: Any, log: IO[str]) -> None:
+        from rlfleet.jobs import JobsClient
+
+        self.py, self.log = py, log
+        self.client = JobsClient(target.ray_address, target.token(), target_name=target.name)
+        self.n = 0
+
+    def row(self, case: dict[str, Any]) -> dict[str, Any]:
+        self.n += 1
+        sid = f"rllib-bench-{os.getpid()}-{self.n}"
+        env = {"PYTHONPATH": SLOWENV, "OMP_NUM_THREADS": "1"}
+        entry = f"{shlex.quote(str(self.py))} {shlex.quote(__file__)} --rllib-job {shlex.quote(json.dumps(case))}"
+        self.client.submit(submission_id=sid, entrypoint=entry, metadata={},
+                           runtime_env={"py_executable": str(self.py), "env_vars": env},
+                           num_cpus=1, num_gpus=0)  # fmt: skip
+        while (job := self.client.get(sid))["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            time.sleep(1.0)
+        logs = self.client.logs(sid)
+        self.log.write(f"--- {sid} {case} {job['status']}\n{logs}\n")
+        self.log.flush()
+        answer = next((json.loads(line[len(MARK) :]) for line in logs.splitlines() if line.startswith(MARK)), None)
+        if answer is None or "error" in answer:
+            why = (answer or {}).get("error") or f"job {job['status']}: {job.get('message')}"
+            raise SystemExit(f"RLlib PPO, mode {case['mode']}, {case['runners']} runners: {why} (log {self.log.name})")
+        return {**answer, "nodes": where(self.client, job)}
+
+    def close(self) -> None:
+        pass
+
+
+def where(client: Any, job: dict[str, Any]) -> str:
+    """'driver 10.87.0.1; actors 10.87.0.2, 10.87.0.3': the nodes a job's driver and actors ran on."""
+    from rlfleet.placement import nodes
+
+    ip_of = {n["node_id"]: n.get("node_ip") for n in nodes(client)}
+    q = f"limit=1000&detail=1&filter_keys=job_id&filter_predicates=%3D&filter_values={job.get('job_id')}"
+    res = client.get_json(f"/api/v0/actors?{q}") or {}
+    actors = (res.get("data") or {}).get("result", {}).get("result", [])
+    ips = sorted(str(ip_of.get(a.get("node_id"), "?")) for a in actors)
+    return f"driver {ip_of.get(job.get('driver_node_id') or '', '?')}; actors {', '.join(ips) or 'none'}"
+
+
 # ---------------------------------------------------------------- the parent (the project's venv)
 
 
@@ -203,6 +278,7 @@ class RLlibWorker:
 
 def ours_row(target: Any, mode: str, runners: int, steps: int) -> dict[str, Any]:
     from rlfleet import RunSpec, RunStatus, submit_run
+    from rlfleet.jobs import JobsClient
 
     cfg = {
         "env_runners": runners,
@@ -231,8 +307,10 @@ def ours_row(target: Any, mode: str, runners: int, steps: int) -> dict[str, Any]
     if st is not RunStatus.SUCCEEDED:
         raise SystemExit(f"run {run.run_id} (mode {mode}, {runners} runners) ended {st}: {run.failure_reason()}")
     rows = run.metrics()
+    client = JobsClient(target.ray_address, target.token(), target_name=target.name)
+    nodes_of = where(client, client.get(run.run_id))
     ret = next((r["episode_return_mean"] for r in reversed(rows) if "episode_return_mean" in r), float("nan"))
-    return {"rows": rows, "return": ret}
+    return {"rows": rows, "return": ret, "nodes": nodes_of}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -254,10 +332,21 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="half the steps")
     ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     ap.add_argument("--json", help="also write every row (with its per-iteration rows) to this JSON file")
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="both sides on one multi-node cluster: head (1 CPU) + this many worker nodes of 1 CPU "
+        "(rlfleet local up --nodes N); 0: each side on its own single node of 5 CPUs",
+    )
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: cpu, sleep")
     ap.add_argument("--rllib-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rllib-job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rllib_worker:
         return rllib_worker()
+    if args.rllib_job:
+        return rllib_job(args.rllib_job)
     if os.nice(0) < 10:
         os.nice(10 - os.nice(0))  # both sides (and their Ray processes) inherit it
     from bench_scaleout import throughput
@@ -271,15 +360,18 @@ def main() -> int:
     info = machine()
     t_start = time.monotonic()
     log = open(Path(os.environ["RLFLEET_HOME"]) / "rllib-worker.log", "w")
-    local = ensure_local_up(num_cpus=CPUS, nodes=0, echo=print)
+    if args.nodes:
+        local = ensure_local_up(num_cpus=1, nodes=args.nodes, node_cpus=1, echo=print)
+    else:
+        local = ensure_local_up(num_cpus=CPUS, nodes=0, echo=print)
     target = Target(name="bench-rllib", kind="ray", ray_address=local.ray_address,
                     token_source=local.token_source, artifact_root=local.artifact_root,
                     provisioner=NoRef(type="none"))  # fmt: skip
     results: list[dict[str, Any]] = []
-    worker = None
+    worker: RLlibWorker | RLlibJobs | None = None
     try:
-        worker = RLlibWorker(py, log)
-        for mode in MODES:
+        worker = RLlibJobs(py, target, log) if args.nodes else RLlibWorker(py, log)
+        for mode in args.modes.split(","):
             for n in RUNNERS:
                 steps = int(STEPS_PER_RUNNER * max(1, n) / (2 if args.quick else 1))
                 ours = ours_row(target, mode, n, steps)
@@ -287,27 +379,30 @@ def main() -> int:
                 r = {"mode": mode, "runners": n, "steps": steps, "ours": throughput(ours["rows"]),
                      "rllib": throughput(theirs["rows"]), "ours_return": ours["return"],
                      "rllib_return": theirs["return"], "load": round(os.getloadavg()[0], 1),
+                     "ours_nodes": ours["nodes"], "rllib_nodes": theirs.get("nodes"),
                      "ours_rows": [{k: row[k] for k in ("step", "time")} for row in ours["rows"]],
                      "rllib_rows": theirs["rows"]}  # fmt: skip
                 results.append(r)
                 print(f"mode {mode}, {n} runners: ours {r['ours']:,.0f} steps/s, RLlib {r['rllib']:,.0f} "
                       f"(ours/RLlib {r['ours'] / r['rllib']:.2f}); return {r['ours_return']:.1f} vs "
-                      f"{r['rllib_return']:.1f}; load {r['load']}", flush=True)  # fmt: skip
+                      f"{r['rllib_return']:.1f}; load {r['load']}; ours {r['ours_nodes']}; RLlib "
+                      f"{r['rllib_nodes']}", flush=True)  # fmt: skip
     finally:
         if worker:
             worker.close()
         log.close()
         local_down()
     loads = [r["load"] for r in results]
+    layout = f"one cluster: head (1 CPU) + {args.nodes} worker nodes (1 CPU each); " if args.nodes else ""
     body = (
-        f"{machine_line(info)} (1-minute load after each row: {min(loads)}-{max(loads)}); "
+        f"{machine_line(info)} (1-minute load after each row: {min(loads)}-{max(loads)}); {layout}"
         f"{'--quick, ' if args.quick else ''}whole run {(time.monotonic() - t_start) / 60:.1f} min.\n\n"
         f"{table(results)}"
     )
     print(body)
     emit({"machine": info, "rows": results}, args.json)
     if args.write:
-        write_section("rllib", body)
+        write_section("rllib-nodes" if args.nodes else "rllib", body)
     return 0
 
 

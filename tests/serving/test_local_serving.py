@@ -135,7 +135,12 @@ def test_promote_then_rollback(dep: Any) -> None:
     assert codes == {200: 100} and versions == {"2": 100}
     st = _state(dep)
     assert (st["live"], st["canary"], st["previous"]) == (2, None, 1)
-    assert not any(_alive(p) for p in old)  # the old replicas were drained and stopped
+    # the old replicas were drained and stopped: ray.kill ends their processes asynchronously, so a
+    # PID may outlive the applied state by a moment on a loaded machine (seen at load ~8)
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in old) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in old), f"v1 replica processes {old} still running 20 s after the promote"
     assert len([r for r in _observed(dep)["replicas"] if r["version"] == 2]) == 2
     dep.rollback()
     versions, codes = Traffic(dep).send(100)
