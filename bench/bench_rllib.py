@@ -324,6 +324,9 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['mode']} | {r['runners']} | {r['steps']:,} | {r['ours']:,.0f} | {r['rllib']:,.0f} "
             f"| {r['ours'] / r['rllib']:.2f} | {r['ours_return']:.1f} | {r['rllib_return']:.1f} |"
         )
+    if all(r.get("rllib_nodes") for r in results):  # --nodes: where each side ran
+        lines += ["", "| env | runners | ours: driver; actors | RLlib: driver; actors |", "|---|---:|---|---|"]
+        lines += [f"| {r['mode']} | {r['runners']} | {r['ours_nodes']} | {r['rllib_nodes']} |" for r in results]
     return "\n".join(lines)
 
 
