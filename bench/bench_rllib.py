@@ -203,14 +203,11 @@ class RLlibJobs:
 
 def where(client: Any, job: dict[str, Any]) -> str:
     """'driver 10.87.0.1; actors 10.87.0.2, 10.87.0.3': the nodes a job's driver and actors ran on."""
-    from rlfleet.placement import nodes
+    from rlfleet.placement import run_nodes
 
-    ip_of = {n["node_id"]: n.get("node_ip") for n in nodes(client)}
-    q = f"limit=1000&detail=1&filter_keys=job_id&filter_predicates=%3D&filter_values={job.get('job_id')}"
-    res = client.get_json(f"/api/v0/actors?{q}") or {}
-    actors = (res.get("data") or {}).get("result", {}).get("result", [])
-    ips = sorted(str(ip_of.get(a.get("node_id"), "?")) for a in actors)
-    return f"driver {ip_of.get(job.get('driver_node_id') or '', '?')}; actors {', '.join(ips) or 'none'}"
+    ran = run_nodes(client, job, actor_class=None)  # RLlib's runners are not our EnvRunner class
+    ips = sorted(str(a["node_ip"]) for a in ran["runners"])
+    return f"driver {ran['driver'] or '?'}; actors {', '.join(ips) or 'none'}"
 
 
 # ---------------------------------------------------------------- the parent (the project's venv)

@@ -38,8 +38,9 @@ def check_fits(spec: Any, target: Any, client: Any) -> None:
         )
 
 
-def run_nodes(client: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Where a run ran: its driver's node IP and its env runners' nodes (with each actor's state)."""
+def run_nodes(client: Any, job: dict[str, Any], actor_class: str | None = RUNNER_CLASS) -> dict[str, Any]:
+    """Where a run ran: its driver's node IP and its env runners' nodes (with each actor's state);
+    ``actor_class=None``: all of the job's actors."""
     ip_of = {n["node_id"]: n.get("node_ip") for n in nodes(client)}
     out: dict[str, Any] = {"driver": ip_of.get(job.get("driver_node_id") or "", None), "runners": []}
     job_id = job.get("job_id")
@@ -48,7 +49,7 @@ def run_nodes(client: Any, job: dict[str, Any]) -> dict[str, Any]:
                                     "filter_values": job_id})
         res = client.get_json(f"/api/v0/actors?{q}") or {}
         for a in (res.get("data") or {}).get("result", {}).get("result", []):
-            if a.get("class_name") == RUNNER_CLASS:
+            if actor_class is None or a.get("class_name") == actor_class:
                 out["runners"].append({"node_ip": ip_of.get(a.get("node_id"), a.get("node_id")),
                                        "state": a.get("state"), "pid": a.get("pid")})
     return out

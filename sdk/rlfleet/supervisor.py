@@ -229,10 +229,7 @@ class Supervisor:
 
     # -- dispatch --------------------------------------------------------------------------------
     def _nodes(self) -> dict[str, dict[str, float]]:
-        """CPUs and GPUs per ALIVE node (one pooled node for a client that only sums them)."""
-        if not hasattr(self.client, "node_resources"):
-            cap = self.client.cluster_resources()
-            return {"": {"cpus": cap.get("CPU", 0.0), "gpus": cap.get("GPU", 0.0)}}
+        """CPUs and GPUs per ALIVE node."""
         return {n["node_id"]: {"cpus": float(n.get("CPU", 0.0)), "gpus": float(n.get("GPU", 0.0))}
                 for n in self.client.node_resources()}
 
@@ -298,9 +295,9 @@ class Supervisor:
             free["gpus"] -= req.gpus
             mine["cpus"] += req.cpus
             mine["gpus"] += req.gpus
-            # charged to the node with the most room left for it (where Ray is likely to put it); the
-            # next pass charges it to the node Ray chose
-            best = max(room, key=lambda nid: (node_free[nid]["gpus"] >= process["gpus"], node_free[nid]["cpus"]))
+            # charged to the node with the most CPUs left among those it fits (where Ray is likely to
+            # put it); the next pass charges it to the node Ray chose
+            best = max(room, key=lambda nid: node_free[nid]["cpus"])
             for k in process:
                 node_free[best][k] -= process[k]
 

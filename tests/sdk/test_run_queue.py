@@ -122,8 +122,8 @@ class _Cluster:
         self.jobs[submission_id] = {"submission_id": submission_id, "status": "PENDING", **job}
         return submission_id
 
-    def cluster_resources(self) -> dict[str, float]:
-        return {"CPU": self.cpus}
+    def node_resources(self) -> list[dict[str, Any]]:
+        return [{"node_id": "n-1", "CPU": self.cpus}]
 
 
 def test_env_runners_count_in_the_queues_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,13 +131,8 @@ def test_env_runners_count_in_the_queues_room(tmp_path: Path, monkeypatch: pytes
     all of them to be free, and dispatches nothing into the CPUs the runners of a run in flight hold
     (unit level: the SDK's real submit path into a queue on disk, the real supervisor's pass)."""
     from rlfleet.supervisor import Supervisor
-    from rlfleet.targets import local_target
 
-    monkeypatch.setenv("RLFLEET_HOME", str(tmp_path))
-    (tmp_path / "local").mkdir(mode=0o700)
-    (tmp_path / "local" / "token").write_text("t")
-    (tmp_path / "local" / "token").chmod(0o600)
-    tgt = local_target()
+    tgt = _local_queue(tmp_path, monkeypatch)
     dist = _submit(RunSpec(kind="train", agent="ppo", name="dist", config={"env_runners": 2, "runner_cpus": 1.5}),
                    tgt, None)  # 1 + 2 x 1.5 = 4 CPUs
     small = _submit(_quick("small"), tgt, None)
@@ -163,7 +158,7 @@ class _Nodes(_Cluster):
     """The same, with the nodes Ray's dashboard lists (node id -> CPUs)."""
 
     def __init__(self, nodes: dict[str, float], running: list[dict[str, Any]]) -> None:
-        super().__init__(sum(nodes.values()), running)
+        super().__init__(0, running)
         self.nodes = nodes
 
     def node_resources(self) -> list[dict[str, Any]]:

@@ -38,8 +38,8 @@ class _Jobs:
     def delete(self, run_id: str) -> bool:
         return False
 
-    def cluster_resources(self) -> dict[str, float]:
-        return {"CPU": 2.0}
+    def node_resources(self) -> list[dict[str, Any]]:
+        return [{"node_id": "n-1", "CPU": 2.0}]
 
 
 def test_an_adopted_job_records_its_dispatch_time(tmp_path: Path) -> None:
