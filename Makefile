@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/rlfleet demo
 
 test: setup
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests -n 2
 
 test-fast: setup
 	$(BIN)/pytest tests -m "not onprem and not slow"

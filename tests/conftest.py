@@ -46,11 +46,60 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("RLFLEET_CONFIG", None)
 
 
+# -- two workers (make test: pytest tests -n 2) ------------------------------------------------------
+# pytest-xdist's own grouping (--dist loadgroup) cannot be used: it renames node ids through an
+# attribute pytest 9 no longer reads, so its groups silently fall apart into single tests.
+
+# the session fixtures that boot throwaway hosts (tests/onprem/session.py, tests/conformance/conftest.py)
+_HOST_FIXTURES = frozenset({"onprem", "aws_node_cluster", "gcp_node_cluster"})
+
+
+def worker_group(nodeid: str) -> str:
+    """``hosts``: the tests on the throwaway hosts (tests/onprem, the conformance suite on the on-prem,
+    aws-node and gcp-node targets: minutes of booting and installing inside the hosts); ``main``: the
+    rest (the local target, moto, the emulators, the multi-node cluster)."""
+    path, _, name = nodeid.partition("::")
+    conformance_off_local = path.startswith("tests/conformance/") and not name.endswith("[local]")
+    on_hosts = path.startswith("tests/onprem/") or conformance_off_local
+    return "hosts" if on_hosts else "main"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Each group runs in one worker, in collection order: every expensive fixture is still built once
+    per test run, and the hosts' minutes of waiting overlap the local tests. Each worker has its own
+    RLFLEET_HOME (pytest_configure). A plain ``pytest tests`` runs everything in one process."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return TwoGroups(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that boots throwaway hosts must be in the hosts group: in the other worker it would
+    build a second set of hosts (or wait on the first set's subnet lock)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        target = callspec.params.get("tgt", "local") if callspec is not None else "local"
+        needs_hosts = bool(_HOST_FIXTURES.intersection(getattr(item, "fixturenames", ()))) or target != "local"
+        if needs_hosts and worker_group(item.nodeid) != "hosts":
+            raise pytest.UsageError(f"{item.nodeid} uses a throwaway host: tests/conftest.py's worker_group "
+                                    "must put it in the hosts group")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
-    """In a module marked ``figures``, a test's printed lines (setup and call) are its figures."""
+    """In a module marked ``figures``, a test's printed lines (setup and call) are its figures; so are
+    the lines session fixtures said before it (tests/said.py)."""
+    import said
+
     outcome = yield
     rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when == "call" and said.PENDING:
+        rep.user_properties.extend(("figures", line) for line in said.PENDING)
+        said.PENDING.clear()
     if rep.when == "call" and item.get_closest_marker("figures") is not None:
         rep.user_properties.extend(("figures", line.strip()) for line in rep.capstdout.splitlines() if line.strip())
 

@@ -87,7 +87,11 @@ def conformance_onprem(onprem, tmp_path_factory) -> ConformanceTarget:
 
 
 def say(request: pytest.FixtureRequest, line: str) -> None:
-    """A line on the terminal even under pytest's output capture (fixture timings)."""
+    """A line on the terminal even under pytest's output capture (fixture timings), and among the
+    figures of the next test (tests/said.py)."""
+    import said
+
+    said.PENDING.append(line.strip())
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print(line, flush=True)
@@ -224,7 +228,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     out = os.environ.get("RLFLEET_CONFORMANCE_TABLE")
-    if not out or not _RESULTS:
+    if not out or not _RESULTS or hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes it
         return
     keys = [k for k in (p.values[0] for p in TARGETS) if any(k == t for _, t in _RESULTS)]
     scenarios = list(dict.fromkeys(s for s, _ in _RESULTS))

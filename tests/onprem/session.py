@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import said
 
 from .harness import PlayResult, Site, decoy_wheel, plant_existing_setup, playbook, switch_to_ssh, write_site
 from .throwaway import ThrowawayHost
@@ -60,8 +61,10 @@ def onprem() -> Iterator[Onprem]:
         site = write_site(host, workdir, wheels=[decoy_wheel(workdir / "wheels")])
         first = playbook(site, workdir, "site.yml")
         figures = dict(host.timings, first_converge_s=first.seconds, first_changed=first.changed)
-        print(f"\n[onprem] host {host.name} at {host.ip}; first converge {first.seconds:.0f} s, "
-              f"changed={first.changed}, rc={first.rc}")
+        line = (f"[onprem] host {host.name} at {host.ip}; first converge {first.seconds:.0f} s, "
+                f"changed={first.changed}, rc={first.rc}")
+        print("\n" + line)
+        said.PENDING.append(line)  # among the next test's figures (tests/said.py)
         if first.rc != 0:
             pytest.fail(f"first converge of site.yml failed (rc={first.rc}); log tail:\n{first.output[-4000:]}",
                         pytrace=False)
