@@ -35,10 +35,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import socket
 import sys
-import threading
 import time
 from typing import Any
 
@@ -75,7 +75,7 @@ class Supervisor:
         self.client = client
         self.q = queue
         self.poll_s = poll_s
-        self.wake = threading.Event()
+        self._wakeup_fd: int | None = None  # serve(): the read end of the SIGUSR1 pipe
         self.requests: dict[str, Request] = {}  # live requests (queued or running)
         self.states: dict[str, dict[str, Any]] = {}
         self._listed: dict[Any, dict[str, Any]] = {}  # every Ray job, as of the last full listing
@@ -347,7 +347,15 @@ class Supervisor:
             self._beat_at = now
 
     def serve(self) -> None:
-        signal.signal(signal.SIGUSR1, lambda *_: self.wake.set())
+        # SIGUSR1 wakes the loop through a pipe that the interpreter's C-level handler writes to
+        # (set_wakeup_fd). The Python handler does nothing: one that set a threading.Event took its
+        # lock, and a wakeup landing while the loop held that lock deadlocked the supervisor for good
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        self._wakeup_fd = read_end
+        signal.signal(signal.SIGUSR1, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(f"supervisor: pid {os.getpid()} watching {self.q.store.root_uri}/queue", flush=True)
         try:
@@ -379,10 +387,27 @@ class Supervisor:
 
     def _loop(self) -> None:
         while True:
-            self.wake.clear()
+            self._drain_wakeups()
             self.one_pass()
             busy = any(st.get("status") == DISPATCHED for st in self.states.values())
-            self.wake.wait(min(self.poll_s, BUSY_POLL_S) if busy else self.poll_s)
+            self._sleep(min(self.poll_s, BUSY_POLL_S) if busy else self.poll_s)
+
+    def _sleep(self, seconds: float) -> None:
+        """Until the next poll, or a wakeup (SIGUSR1) first."""
+        if self._wakeup_fd is None:
+            time.sleep(seconds)
+        else:
+            select.select([self._wakeup_fd], [], [], seconds)
+
+    def _drain_wakeups(self) -> None:
+        """Wakeups that came before this pass are served by it."""
+        if self._wakeup_fd is None:
+            return
+        try:
+            while os.read(self._wakeup_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 def _attempt(job: dict[str, Any]) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rlfleet.provisioners import registry
-from rlfleet.runqueue import FRESH_S, QueueStore
+from rlfleet.runqueue import FRESH_S, HEARTBEAT_S, QueueStore
 from rlfleet.targets import Target
 
 
@@ -157,3 +157,32 @@ def test_logs_follow_waits_while_the_run_is_queued(tmp_path: Path, monkeypatch) 
     calls["n"] = 0
     with pytest.raises(RunNotFound):  # a run neither Ray nor the queue knows is still an error
         list(Run("rl-nope", t)._follow(poll=0.01))
+
+
+def test_a_flood_of_wakeups_never_stalls_the_supervisor(tmp_path: Path) -> None:
+    """Every queued run sends the local supervisor a SIGUSR1. Its handler called Event.set(), which
+    takes the Event's lock: a signal landing while the loop itself held that lock (in clear() or
+    wait()) deadlocked the process for good, and the queue stopped (seen with 200 runs submitted at
+    once on a busy machine: 153 runs left queued, no pass for 15 min). After a flood of wakeups the
+    supervisor must still be passing: its heartbeat comes back once removed."""
+    root = tmp_path / "store"
+    t = _target(root)
+    proc = start_supervisor(t, t.artifact_root, tmp_path, poll=0.01, timeout=60)
+    beat = root / "queue" / "supervisor.json"
+    try:
+        end = time.monotonic() + 8
+        sent = 0
+        while time.monotonic() < end and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGUSR1)
+            sent += 1
+            if sent % 50 == 0:
+                time.sleep(0.001)
+        assert proc.poll() is None, "the supervisor died of a wakeup"
+        beat.unlink()
+        deadline = time.monotonic() + HEARTBEAT_S + 20
+        while not beat.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert beat.exists(), f"no pass after {sent} wakeups: the supervisor is stuck"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
