@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import said
 
 # helper modules whose asserts a failing test reports: rewritten like test modules (a bare
 # 'AssertionError' in the CI summary said nothing about which check failed)
@@ -93,8 +94,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
     """In a module marked ``figures``, a test's printed lines (setup and call) are its figures; so are
     the lines session fixtures said before it (tests/said.py)."""
-    import said
-
     outcome = yield
     rep = outcome.get_result()  # type: ignore[attr-defined]
     if rep.when == "call" and said.PENDING:

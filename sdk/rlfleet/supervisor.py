@@ -33,6 +33,7 @@ that frees up is refilled within 0.5 s).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -75,7 +76,6 @@ class Supervisor:
         self.client = client
         self.q = queue
         self.poll_s = poll_s
-        self._wakeup_fd: int | None = None  # serve(): the read end of the SIGUSR1 pipe
         self.requests: dict[str, Request] = {}  # live requests (queued or running)
         self.states: dict[str, dict[str, Any]] = {}
         self._listed: dict[Any, dict[str, Any]] = {}  # every Ray job, as of the last full listing
@@ -354,12 +354,11 @@ class Supervisor:
         os.set_blocking(read_end, False)
         os.set_blocking(write_end, False)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        self._wakeup_fd = read_end
         signal.signal(signal.SIGUSR1, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(f"supervisor: pid {os.getpid()} watching {self.q.store.root_uri}/queue", flush=True)
         try:
-            self._loop()
+            self._loop(read_end)
         finally:  # stopped cleanly (SIGTERM): no longer announced (a SIGKILL leaves it to go stale)
             try:
                 self.q.drop_heartbeat()
@@ -385,29 +384,16 @@ class Supervisor:
             print("supervisor: the cluster and the store answer again", flush=True)
             self._error = None
 
-    def _loop(self) -> None:
+    def _loop(self, wakeups: int) -> None:
+        """A pass, then sleep until the next poll or a wakeup (a byte on ``wakeups``) first; the
+        wakeups that came before a pass are served by it."""
         while True:
-            self._drain_wakeups()
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wakeups, 4096):
+                    pass
             self.one_pass()
             busy = any(st.get("status") == DISPATCHED for st in self.states.values())
-            self._sleep(min(self.poll_s, BUSY_POLL_S) if busy else self.poll_s)
-
-    def _sleep(self, seconds: float) -> None:
-        """Until the next poll, or a wakeup (SIGUSR1) first."""
-        if self._wakeup_fd is None:
-            time.sleep(seconds)
-        else:
-            select.select([self._wakeup_fd], [], [], seconds)
-
-    def _drain_wakeups(self) -> None:
-        """Wakeups that came before this pass are served by it."""
-        if self._wakeup_fd is None:
-            return
-        try:
-            while os.read(self._wakeup_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
+            select.select([wakeups], [], [], min(self.poll_s, BUSY_POLL_S) if busy else self.poll_s)
 
 
 def _attempt(job: dict[str, Any]) -> int:

@@ -161,8 +161,7 @@ def start_multinode() -> Iterator[MultiNode]:
     mn = MultiNode(home=home, target=target, boot_s=time.monotonic() - t0)
     try:
         mn.wait_alive({"10.87.0.1", "10.87.0.2", "10.87.0.3"}, timeout=60)
-        print(f"\nmultinode cluster up in {mn.boot_s:.1f} s", flush=True)
-        said.PENDING.append(f"multinode cluster up in {mn.boot_s:.1f} s")  # a figure of the next test
+        said.say(f"multinode cluster up in {mn.boot_s:.1f} s")
         yield mn
     finally:
         t1 = time.monotonic()
