@@ -10,9 +10,10 @@ final return (mean over seeds, with the spread: std over seeds and min/max), tra
 time and training CPU time (evaluation excluded; on a shared machine the CPU time is the figure
 that does not move with other jobs' load). CleanRL's published 1M-step returns are printed as a reference row.
 
-Usage (full budget, as the issue asks: ~1M steps x 5 seeds x 2 envs x 2 kits, many hours on 2 cores):
+Usage (full budget, as the issue asks: 1M steps x 5 seeds x 2 envs x 2 kits; about 2 hours on 2
+idle cores with one worker per core):
   PYTHONPATH=sdk:agents .venv/bin/python bench/bench_mujoco.py --steps 1000000 --seeds 5 \
-      --envs Hopper-v5,HalfCheetah-v5 --json-out mujoco.json
+      --envs Hopper-v5,HalfCheetah-v5 --jobs 2 --json-out mujoco.json
 Reduced budget (what docs/benchmarks.md reports from this machine):
   PYTHONPATH=sdk:agents nice -n 10 .venv/bin/python bench/bench_mujoco.py --steps 200000 --seeds 2 --envs Hopper-v5
 """
@@ -109,6 +110,30 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "per_seed": runs}
 
 
+def _task(args: tuple[str, int, int, int, list[str]]) -> tuple[str, int, dict[str, dict[str, Any]]]:
+    """One (env, seed): each kit in turn, in this worker process (1 torch thread)."""
+    env_id, seed, steps, episodes, kits = args
+    import torch
+
+    torch.set_num_threads(1)
+    kit_fn = {"ours": ours, "sb3": sb3}
+    out = {k: kit_fn[k](env_id, seed, steps, episodes) for k in kits}
+    print(f"{env_id} seed {seed}: " + ", ".join(f"{k} {out[k]}" for k in kits), file=sys.stderr, flush=True)
+    return env_id, seed, out
+
+
+def _row(env_id: str, kits: list[str], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    row: dict[str, Any] = {k: summary(sorted(runs[k], key=lambda r: r["seed"])) for k in kits if runs[k]}
+    if len(row) == 2:
+        o, s = row["ours"], row["sb3"]
+        row["wall_time_ratio_ours_over_sb3"] = round(o["wall_time_s_mean"] / s["wall_time_s_mean"], 3)
+        row["cpu_time_ratio_ours_over_sb3"] = round(o["cpu_time_s_mean"] / s["cpu_time_s_mean"], 3)
+    ref_mean, ref_std = CLEANRL_1M[_family(env_id)]
+    row["cleanrl_published_1M"] = {"return_mean": ref_mean, "return_std": ref_std,
+                                   "env": env_id.replace("-v5", "-v4"), "steps": 1_000_000}
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--envs", default="Hopper-v5,HalfCheetah-v5", help="comma-separated MuJoCo env ids")
@@ -116,6 +141,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--eval-episodes", type=int, default=10, help="deterministic episodes per final evaluation")
     ap.add_argument("--kits", default="ours,sb3", help="comma-separated: ours, sb3 (a partial run measures one)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes, each running whole (env, seed) tasks with both kits in turn on "
+                         "1 torch thread; at most the number of cores for honest wall times")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     kits = [k.strip() for k in args.kits.split(",") if k.strip()]
@@ -124,32 +152,37 @@ def main() -> None:
     envs = [e.strip() for e in args.envs.split(",") if e.strip()]
     for e in envs:
         _family(e)
+    if not 1 <= args.jobs <= (os.cpu_count() or 1):
+        raise SystemExit(f"--jobs: between 1 and the {os.cpu_count()} cores here (got {args.jobs})")
 
-    import torch
-
-    torch.set_num_threads(1)
     result: dict[str, Any] = {"machine": machine(), "protocol": {
         "steps": args.steps, "seeds": args.seeds, "envs": envs, "kits": kits, "eval_episodes": args.eval_episodes,
-        "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs}}, "envs": {}}
-    for env_id in envs:
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kits}
-        kit_fn = {"ours": ours, "sb3": sb3}
-        for seed in range(args.seeds):  # interleaved: load on the shared machine hits both kits alike
-            for k in kits:
-                runs[k].append(kit_fn[k](env_id, seed, args.steps, args.eval_episodes))
-            print(f"{env_id} seed {seed}: " + ", ".join(f"{k} {runs[k][-1]}" for k in kits),
-                  file=sys.stderr, flush=True)
-            ref_mean, ref_std = CLEANRL_1M[_family(env_id)]
-            row: dict[str, Any] = {k: summary(runs[k]) for k in kits}
-            if len(kits) == 2:
-                o, s = row["ours"], row["sb3"]
-                row["wall_time_ratio_ours_over_sb3"] = round(o["wall_time_s_mean"] / s["wall_time_s_mean"], 3)
-                row["cpu_time_ratio_ours_over_sb3"] = round(o["cpu_time_s_mean"] / s["cpu_time_s_mean"], 3)
-            row["cleanrl_published_1M"] = {"return_mean": ref_mean, "return_std": ref_std,
-                                           "env": env_id.replace("-v5", "-v4"), "steps": 1_000_000}
-            result["envs"][env_id] = row
-            if args.json_out:  # partial results (after every seed) survive an interrupted long run
-                emit(result, args.json_out)
+        "jobs": args.jobs, "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs}}, "envs": {}}
+    # (env, seed) tasks, both kits in turn inside each (load on the machine hits both kits alike);
+    # HalfCheetah first: its SB3 runs are the longest, so the pool's last tasks are the short ones
+    tasks = [(e, seed, args.steps, args.eval_episodes, kits)
+             for e in sorted(envs, key=lambda e: _family(e) != "HalfCheetah") for seed in range(args.seeds)]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {e: {k: [] for k in kits} for e in envs}
+    t0 = time.perf_counter()
+
+    def record(env_id: str, out: dict[str, dict[str, Any]]) -> None:
+        for k in kits:
+            runs[env_id][k].append(out[k])
+        result["envs"][env_id] = _row(env_id, kits, runs[env_id])
+        result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        if args.json_out:  # partial results (after every task) survive an interrupted long run
+            emit(result, args.json_out)
+
+    if args.jobs == 1:
+        for t in tasks:
+            env_id, _, out = _task(t)
+            record(env_id, out)
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            for env_id, _, out in pool.imap_unordered(_task, tasks):
+                record(env_id, out)
     emit(result, args.json_out)
 
 
