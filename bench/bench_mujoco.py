@@ -134,6 +134,34 @@ def _row(env_id: str, kits: list[str], runs: dict[str, list[dict[str, Any]]]) ->
     return row
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The docs/benchmarks.md table of a (finished or partial) result file."""
+    lines = ["| env | kit | seeds done | env steps (mean) | final return, mean +- std over seeds | min / max "
+             "| per seed | training wall s (mean) | training CPU s (mean) |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    ratios = []
+    for env_id, row in result["envs"].items():
+        for kit, name in (("ours", "ours"), ("sb3", "SB3 + RL-Zoo")):
+            if kit not in row:
+                continue
+            r = row[kit]
+            seeds = r["per_seed"]
+            per_seed = ", ".join(f"{x['return']:.1f}" for x in seeds)
+            lines.append(
+                f"| {env_id} | {name} | {len(seeds)} | {round(np.mean([x['steps'] for x in seeds])):,} "
+                f"| **{r['return_mean']:.1f} +- {r['return_std_over_seeds']:.1f}** "
+                f"| {r['return_min']:.1f} / {r['return_max']:.1f} "
+                f"| {per_seed} "
+                f"| {r['wall_time_s_mean']:,.1f} | {r['cpu_time_s_mean']:,.1f} |")
+        ref = row["cleanrl_published_1M"]
+        lines.append(f"| {env_id} | CleanRL, published ({ref['env']}, reference) | | 1,000,000 "
+                     f"| {ref['return_mean']} +- {ref['return_std']} | | | | |")
+        if "wall_time_ratio_ours_over_sb3" in row:
+            ratios.append(f"{env_id}: wall time ours/SB3 {row['wall_time_ratio_ours_over_sb3']:.3f}, "
+                          f"CPU time {row['cpu_time_ratio_ours_over_sb3']:.3f}")
+    return "\n".join(lines + [""] + [f"- {r}" for r in ratios])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--envs", default="Hopper-v5,HalfCheetah-v5", help="comma-separated MuJoCo env ids")
@@ -145,7 +173,14 @@ def main() -> None:
                     help="worker processes, each running whole (env, seed) tasks with both kits in turn on "
                          "1 torch thread; at most the number of cores for honest wall times")
     ap.add_argument("--json-out")
+    ap.add_argument("--markdown", metavar="RESULT_JSON",
+                    help="print the docs/benchmarks.md table of an earlier run's --json-out file, run nothing")
     args = ap.parse_args()
+    if args.markdown:
+        import json
+
+        print(markdown(json.loads(open(args.markdown).read())))
+        return
     kits = [k.strip() for k in args.kits.split(",") if k.strip()]
     if not kits or set(kits) - {"ours", "sb3"}:
         raise SystemExit(f"--kits: choose from ours, sb3 (got {args.kits!r})")
