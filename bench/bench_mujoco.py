@@ -173,6 +173,9 @@ def main() -> None:
                     help="worker processes, each running whole (env, seed) tasks with both kits in turn on "
                          "1 torch thread; at most the number of cores for honest wall times")
     ap.add_argument("--json-out")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --json-out: its finished (env, seed) tasks are kept, the rest run; "
+                         "refused if the protocol, ours' resolved config or SB3's hyperparameters differ")
     ap.add_argument("--markdown", metavar="RESULT_JSON",
                     help="print the docs/benchmarks.md table of an earlier run's --json-out file, run nothing")
     args = ap.parse_args()
@@ -190,34 +193,64 @@ def main() -> None:
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         raise SystemExit(f"--jobs: between 1 and the {os.cpu_count()} cores here (got {args.jobs})")
 
-    result: dict[str, Any] = {"machine": machine(), "protocol": {
-        "steps": args.steps, "seeds": args.seeds, "envs": envs, "kits": kits, "eval_episodes": args.eval_episodes,
-        "jobs": args.jobs, "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs}}, "envs": {}}
+    if args.resume and not args.json_out:
+        raise SystemExit("--resume: name the run's file with --json-out")
+    from importlib.metadata import version
+
+    from rlfleet_agents.registry import build_config, config_to_dict
+
+    protocol = {"steps": args.steps, "seeds": args.seeds, "envs": envs, "kits": kits,
+                "eval_episodes": args.eval_episodes,
+                "ours_config": {e: config_to_dict(build_config("ppo", e, {"device": "cpu"})) for e in envs},
+                "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs},
+                "packages": {p: version(p) for p in ("torch", "stable_baselines3", "gymnasium", "mujoco", "numpy")}}
+    result: dict[str, Any] = {"machine": machine(), "protocol": protocol, "envs": {}, "segments": []}
+    done: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    if args.resume and os.path.exists(args.json_out):
+        import json
+
+        prev = json.loads(open(args.json_out).read())
+        for key in ("steps", "envs", "kits", "eval_episodes", "ours_config", "sb3_hyperparameters"):
+            if prev["protocol"].get(key) != protocol[key]:
+                raise SystemExit(f"--resume: {args.json_out} was run with another {key} "
+                                 f"({prev['protocol'].get(key)!r}); start a new file or use the same settings")
+        result["machine"], result["segments"] = prev["machine"], prev.get("segments", [])
+        for env_id, row in prev["envs"].items():
+            done[env_id] = {k: row[k]["per_seed"] for k in kits if k in row}
+    segment = {"machine": machine(), "jobs": args.jobs, "seeds_run": {}}
+    result["segments"].append(segment)
     # (env, seed) tasks, both kits in turn inside each (load on the machine hits both kits alike);
     # HalfCheetah first: its SB3 runs are the longest, so the pool's last tasks are the short ones
-    tasks = [(e, seed, args.steps, args.eval_episodes, kits)
-             for e in sorted(envs, key=lambda e: _family(e) != "HalfCheetah") for seed in range(args.seeds)]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {e: {k: [] for k in kits} for e in envs}
+    for env_id, per_kit in done.items():  # a task counts as done when every kit has its seed
+        seeds = set.intersection(*({r["seed"] for r in per_kit.get(k, [])} for k in kits))
+        for k in kits:
+            runs[env_id][k] = [r for r in per_kit[k] if r["seed"] in seeds]
+        if seeds:
+            result["envs"][env_id] = _row(env_id, kits, runs[env_id])
+    tasks = [(e, seed, args.steps, args.eval_episodes, kits)
+             for e in sorted(envs, key=lambda e: _family(e) != "HalfCheetah") for seed in range(args.seeds)
+             if not any(r["seed"] == seed for r in runs[e][kits[0]])]
     t0 = time.perf_counter()
 
-    def record(env_id: str, out: dict[str, dict[str, Any]]) -> None:
+    def record(env_id: str, seed: int, out: dict[str, dict[str, Any]]) -> None:
         for k in kits:
             runs[env_id][k].append(out[k])
         result["envs"][env_id] = _row(env_id, kits, runs[env_id])
-        result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        segment["seeds_run"].setdefault(env_id, []).append(seed)
+        segment["elapsed_s"] = round(time.perf_counter() - t0, 1)
         if args.json_out:  # partial results (after every task) survive an interrupted long run
             emit(result, args.json_out)
 
     if args.jobs == 1:
         for t in tasks:
-            env_id, _, out = _task(t)
-            record(env_id, out)
+            record(*_task(t))
     else:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-            for env_id, _, out in pool.imap_unordered(_task, tasks):
-                record(env_id, out)
+            for env_id, seed, out in pool.imap_unordered(_task, tasks):
+                record(env_id, seed, out)
     emit(result, args.json_out)
 
 
