@@ -14,8 +14,9 @@ Usage (full budget, as the issue asks: 1M steps x 5 seeds x 2 envs x 2 kits; abo
 idle cores with one worker per core):
   PYTHONPATH=sdk:agents .venv/bin/python bench/bench_mujoco.py --steps 1000000 --seeds 5 \
       --envs Hopper-v5,HalfCheetah-v5 --jobs 2 --json-out mujoco.json
-Reduced budget (what docs/benchmarks.md reports from this machine):
-  PYTHONPATH=sdk:agents nice -n 10 .venv/bin/python bench/bench_mujoco.py --steps 200000 --seeds 2 --envs Hopper-v5
+docs/benchmarks.md "MuJoCo" has the full-budget result (files in bench/results/); an interrupted
+run continues with --resume. Reduced budget:
+  PYTHONPATH=sdk:agents .venv/bin/python bench/bench_mujoco.py --steps 200000 --seeds 2 --envs Hopper-v5
 """
 
 from __future__ import annotations
