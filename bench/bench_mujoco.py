@@ -22,9 +22,11 @@ run continues with --resume. Reduced budget:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -181,9 +183,7 @@ def main() -> None:
                     help="print the docs/benchmarks.md table of an earlier run's --json-out file, run nothing")
     args = ap.parse_args()
     if args.markdown:
-        import json
-
-        print(markdown(json.loads(open(args.markdown).read())))
+        print(markdown(json.loads(Path(args.markdown).read_text())))
         return
     kits = [k.strip() for k in args.kits.split(",") if k.strip()]
     if not kits or set(kits) - {"ours", "sb3"}:
@@ -206,29 +206,24 @@ def main() -> None:
                 "sb3_hyperparameters": {e: ZOO[_family(e)] for e in envs},
                 "packages": {p: version(p) for p in ("torch", "stable_baselines3", "gymnasium", "mujoco", "numpy")}}
     result: dict[str, Any] = {"machine": machine(), "protocol": protocol, "envs": {}, "segments": []}
-    done: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {e: {k: [] for k in kits} for e in envs}
     if args.resume and os.path.exists(args.json_out):
-        import json
-
-        prev = json.loads(open(args.json_out).read())
+        prev = json.loads(Path(args.json_out).read_text())
         for key in ("steps", "envs", "kits", "eval_episodes", "ours_config", "sb3_hyperparameters"):
             if prev["protocol"].get(key) != protocol[key]:
                 raise SystemExit(f"--resume: {args.json_out} was run with another {key} "
                                  f"({prev['protocol'].get(key)!r}); start a new file or use the same settings")
         result["machine"], result["segments"] = prev["machine"], prev.get("segments", [])
-        for env_id, row in prev["envs"].items():
-            done[env_id] = {k: row[k]["per_seed"] for k in kits if k in row}
+        for env_id, row in prev["envs"].items():  # a task counts as done when every kit has its seed
+            per_kit = {k: row.get(k, {}).get("per_seed", []) for k in kits}
+            seeds = set.intersection(*({r["seed"] for r in rs} for rs in per_kit.values()))
+            runs[env_id] = {k: [r for r in rs if r["seed"] in seeds] for k, rs in per_kit.items()}
+            if seeds:
+                result["envs"][env_id] = _row(env_id, kits, runs[env_id])
     segment = {"machine": machine(), "jobs": args.jobs, "seeds_run": {}}
     result["segments"].append(segment)
     # (env, seed) tasks, both kits in turn inside each (load on the machine hits both kits alike);
     # HalfCheetah first: its SB3 runs are the longest, so the pool's last tasks are the short ones
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {e: {k: [] for k in kits} for e in envs}
-    for env_id, per_kit in done.items():  # a task counts as done when every kit has its seed
-        seeds = set.intersection(*({r["seed"] for r in per_kit.get(k, [])} for k in kits))
-        for k in kits:
-            runs[env_id][k] = [r for r in per_kit[k] if r["seed"] in seeds]
-        if seeds:
-            result["envs"][env_id] = _row(env_id, kits, runs[env_id])
     tasks = [(e, seed, args.steps, args.eval_episodes, kits)
              for e in sorted(envs, key=lambda e: _family(e) != "HalfCheetah") for seed in range(args.seeds)
              if not any(r["seed"] == seed for r in runs[e][kits[0]])]
